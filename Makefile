@@ -1,0 +1,35 @@
+# Two entry points a fresh machine needs: `make serve` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+ZOO    := .zoo
+
+.PHONY: install serve test lint bench zoo clean
+
+# torch is pinned to the local CPU build first: an unpinned torch would pull gigabytes of CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(ZOO)/zoo.json: $(VENV)/.installed
+	$(VENV)/bin/consilium zoo build $(ZOO)
+
+zoo: $(ZOO)/zoo.json
+
+serve: zoo
+	$(VENV)/bin/consilium generate --model $(ZOO)/general --prompt "Hello, who are you?" --stream
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(ZOO)

@@ -1,0 +1,172 @@
+"""The `consilium` command line: zoo, generate, router, fusion, adapter and serve subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# Each subcommand module registers itself here; imports stay inside handlers (nothing heavy at import).
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CLIError(Exception):
+    """A user mistake on the command line: printed as one line, exit status 2."""
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _unit_float(lo: float, hi: float, lo_open: bool = False) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if x < lo or x > hi or (lo_open and x == lo):
+            bracket = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"{value!r} is outside {bracket}{lo}, {hi}]")
+        return x
+
+    return parse
+
+
+def _existing_path(value: str) -> Path:
+    p = Path(value)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"path {value!r} does not exist")
+    return p
+
+
+# ---- zoo ------------------------------------------------------------------------------------------
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from deployments.zoo import build_zoo
+
+    paths = build_zoo(args.dir, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name:16s} {path}")
+    return 0
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from deployments.config import EngineConfig
+    from deployments.engines.base import EngineInputError, GenerationRequest, SamplingParams
+    from deployments.engines.hf import HFEngine
+
+    adapters = dict(a.split("=", 1) for a in args.adapter_dir or [])
+    engine = HFEngine(EngineConfig(model=str(args.model), quantization=args.quantization, adapters=adapters))
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+    request = GenerationRequest(
+        messages=({"role": "user", "content": args.prompt},), params=params, adapter=args.adapter
+    )
+    try:
+        if args.stream:
+
+            async def run() -> None:
+                async for delta in engine.stream(request):
+                    print(delta.text, end="", flush=True)
+                print()
+
+            asyncio.run(run())
+        else:
+            result = engine.generate_sync(request)
+            print(result.text)
+            print(
+                f"[{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens, "
+                f"finish={result.finish_reason}]",
+                file=sys.stderr,
+            )
+    except EngineInputError as err:
+        raise CLIError(str(err)) from None
+    return 0
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from deployments.config import ConfigError, load_graph_config
+
+    try:
+        cfg = load_graph_config(args.path)
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
+    print(json.dumps({"specialists": [s.name for s in cfg.specialists], "groups": list(cfg.groups())}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consilium", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="the tiny local model zoo").add_subparsers(dest="zoo_cmd", required=True)
+    zb = zoo.add_parser("build", help="write the tiny zoo (seconds, deterministic)")
+    zb.add_argument("dir", help="output directory")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.set_defaults(func=cmd_zoo_build)
+
+    gen = sub.add_parser("generate", help="generate from one model with the HF engine")
+    gen.add_argument("--model", type=_existing_path, required=True, help="checkpoint directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none")
+    gen.add_argument("--adapter-dir", action="append", metavar="NAME=DIR", help="load a LoRA adapter")
+    gen.add_argument("--adapter", help="adapter name to use for this prompt")
+    gen.add_argument("--temperature", type=_unit_float(0, 2), default=0.7)
+    gen.add_argument("--top-p", type=_unit_float(0, 1, lo_open=True), default=0.9)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stream", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_cmd", required=True)
+    cc = cfg.add_parser("check", help="validate a graph or Serve config file")
+    cc.add_argument("path")
+    cc.set_defaults(func=cmd_config_check)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands owned by other packages (router, fusion, adapters, serve)."""
+    from deployments import cli_ext
+
+    return cli_ext.REGISTRARS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"consilium: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Validated configuration for the whole Consilium graph: specialists, router, merger and server."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Hard ceilings that no config may exceed: a config may lower them, never raise them.
+MAX_NEW_TOKENS_CEILING = 32_768
+MAX_PROMPT_TOKENS_CEILING = 1_048_576
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+RESERVED_MODEL_NAMES = frozenset({"auto"})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field path and the bad value."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos more often than not: reject them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class GenerationDefaults(_Strict):
+    """Sampling defaults a specialist uses when the request does not say otherwise."""
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Softmax temperature; 0 means greedy.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_CEILING, description="Default cap on generated tokens.")
+    max_new_tokens_limit: int = Field(
+        2048, ge=1, le=MAX_NEW_TOKENS_CEILING, description="Largest max_tokens a client may ask for."
+    )
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> GenerationDefaults:
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} exceeds max_new_tokens_limit={self.max_new_tokens_limit}"
+            )
+        return self
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling bounds for one deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        return self
+
+
+class DeploymentOptions(_Strict):
+    """Resources and scaling of one Ray Serve deployment."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica; 1 on a GPU node.")
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count (exclusive with autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Concurrent requests one replica accepts.")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Dynamic batch size (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill.")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for `Deployment.options(...)`."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+Backend = Literal["auto", "hf", "vllm"]
+Quantization = Literal["none", "nf4", "int8"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class EngineConfig(_Strict):
+    """What it takes to load one base model: the part that specialists sharing a base must agree on."""
+
+    model: str = Field(..., min_length=1, description="Local checkpoint directory or hub id.")
+    backend: Backend = Field("auto", description="vllm where supported, hf otherwise, or forced.")
+    quantization: Quantization = Field("none", description="bitsandbytes quantization (hf backend).")
+    dtype: DType = Field("auto", description="Weights dtype; auto picks bf16 on GPU, fp32 on CPU.")
+    device: str | None = Field(None, description="torch device; None picks what is present.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters: name -> peft dir.")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    trust_remote_code: bool = Field(False, description="Run model code from the checkpoint (unsafe).")
+    max_prompt_tokens: int = Field(
+        4096, ge=1, le=MAX_PROMPT_TOKENS_CEILING, description="Longest prompt accepted, in tokens."
+    )
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM's AsyncEngineArgs.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"adapter name {name!r} must match {NAME_PATTERN}")
+        return v
+
+
+class SpecialistConfig(EngineConfig):
+    """One domain specialist: a base model (maybe shared), an optional adapter and its defaults."""
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Specialist name; clients pin it as `model`.")
+    adapter: str | None = Field(None, description="Adapter (a key of `adapters`) this specialist uses.")
+    group: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="Specialists in one group share a deployment and one loaded base model.",
+    )
+    system_prompt: str | None = Field(None, max_length=8192, description="Prepended to every chat.")
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout when fanned out.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in RESERVED_MODEL_NAMES:
+            raise ValueError(f"name {v!r} is reserved")
+        return v
+
+    @model_validator(mode="after")
+    def _adapter_known(self) -> SpecialistConfig:
+        if self.adapter is not None and self.adapter not in self.adapters:
+            raise ValueError(f"adapter {self.adapter!r} is not one of adapters {sorted(self.adapters)}")
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        """The base-model part of this specialist."""
+        return EngineConfig(**{k: getattr(self, k) for k in EngineConfig.model_fields})
+
+
+class RouterConfig(_Strict):
+    """The "tiny ada" domain classifier and the policy that turns its scores into specialists."""
+
+    model: str | None = Field(None, description="Router artifact directory; None uses the shipped one.")
+    top_k: int = Field(2, ge=1, le=16, description="At most this many specialists answer one prompt.")
+    fallback: str = Field(..., pattern=NAME_PATTERN, description="Specialist used when no domain scores.")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="Per-domain threshold overrides (0..1).")
+    domain_to_specialist: dict[str, str] = Field(
+        default_factory=dict, description="Router domain -> specialist name; identity when absent."
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for domain, t in v.items():
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold for {domain!r} is {t}, must be within [0, 1]")
+        return v
+
+
+class MergerConfig(_Strict):
+    """The synthesizer: T5 encoder per answer, cross-attention merger, T5 decoder."""
+
+    model: str = Field(..., min_length=1, description="T5 checkpoint (FLAN-T5 in production).")
+    merger_weights: str | None = Field(None, description="Trained merger directory; None = identity merger.")
+    device: str | None = Field(None, description="torch device; None picks what is present.")
+    dtype: DType = Field("auto")
+    max_answer_tokens: int = Field(256, ge=8, le=4096, description="Per-answer token budget (truncates).")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_CEILING)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+
+
+class ServerConfig(_Strict):
+    """HTTP limits and auth of the router ingress."""
+
+    api_key: str | None = Field(None, min_length=8, description="Bearer token; None disables auth.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body.")
+    max_prompt_chars: int = Field(200_000, ge=1, description="Largest prompt (all messages) in characters.")
+    max_messages: int = Field(256, ge=1, le=10_000)
+    request_timeout_s: float = Field(300.0, gt=0, le=3600)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class GraphConfig(_Strict):
+    """The whole service: what `build_app` receives."""
+
+    specialists: list[SpecialistConfig] = Field(..., min_length=1)
+    router: RouterConfig
+    merger: MergerConfig
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GraphConfig:
+        names = [s.name for s in self.specialists]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate specialist names: {dupes}")
+        if self.router.fallback not in names:
+            raise ValueError(f"router.fallback {self.router.fallback!r} is not a specialist ({names})")
+        for domain, spec in self.router.domain_to_specialist.items():
+            if spec not in names:
+                raise ValueError(f"router.domain_to_specialist[{domain!r}] = {spec!r} is not a specialist")
+        for group, members in self.groups().items():
+            base = members[0].engine_config()
+            for other in members[1:]:
+                # Adapters may differ per member: the group loads the union.
+                a = base.model_dump(exclude={"adapters"})
+                b = other.engine_config().model_dump(exclude={"adapters"})
+                diff = sorted(k for k in a if a[k] != b[k])
+                if diff:
+                    raise ValueError(
+                        f"specialists {members[0].name!r} and {other.name!r} share group {group!r} but differ in {diff}"
+                    )
+        return self
+
+    def groups(self) -> dict[str, list[SpecialistConfig]]:
+        """Deployment name -> specialists served by it (a lone specialist is its own group)."""
+        out: dict[str, list[SpecialistConfig]] = {}
+        for s in self.specialists:
+            out.setdefault(s.group or s.name, []).append(s)
+        return out
+
+    def specialist(self, name: str) -> SpecialistConfig:
+        for s in self.specialists:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        lines.append(f"  {path}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_graph_config(data: Any, source: str = "<dict>") -> GraphConfig:
+    """Validate a mapping as a GraphConfig; raise ConfigError naming each bad field and value."""
+    if isinstance(data, dict) and "applications" in data:
+        data = _app_args(data, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping, got {type(data).__name__}")
+    try:
+        return GraphConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def _app_args(serve_file: dict[str, Any], source: str) -> Any:
+    # A Ray Serve config file: our graph config is the `args` of its (first) application.
+    apps = serve_file.get("applications") or []
+    if not apps or not isinstance(apps[0], dict) or "args" not in apps[0]:
+        raise ConfigError(f"invalid config {source}: applications[0].args is missing")
+    return apps[0]["args"]
+
+
+def load_graph_config(path: str | Path) -> GraphConfig:
+    """Read a YAML file (our graph config, or a Serve config whose first app's args are one)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid config {p}: not valid YAML: {err}") from None
+    return parse_graph_config(data, source=str(p))

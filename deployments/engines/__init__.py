@@ -1,0 +1,1 @@
+"""Specialist backends behind one protocol: Hugging Face transformers and vLLM."""

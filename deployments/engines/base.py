@@ -1,0 +1,128 @@
+"""The engine protocol every specialist backend implements, and the value types it speaks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+class EngineInputError(ValueError):
+    """The request cannot be served as asked (prompt too long, unknown adapter): a client error."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise EngineInputError(f"temperature must be within [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineInputError(f"top_p must be within (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise EngineInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt: either raw text (completions) or chat messages (rendered with the chat template)."""
+
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # None: the base model without any adapter
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise EngineInputError("exactly one of prompt or messages must be given")
+
+
+@dataclass
+class GenerationResult:
+    """The new text only (never the echoed prompt) with token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class StreamDelta:
+    """One piece of a streamed answer; the last one carries finish_reason and the counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What a specialist deployment needs from a backend (HF transformers or vLLM)."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]: ...
+
+    def check_health(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """The configured device, else the best one present (never a hard-coded "cuda")."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 where the GPU supports it, fp16 on other accelerators, fp32 on CPU."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut text before the earliest stop string; say whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def safe_stream_prefix(text: str, stop: Sequence[str]) -> int:
+    """How many leading chars of text can be emitted without risking a later stop-string match."""
+    hold = 0
+    for s in stop:
+        # Hold back the longest suffix of text that is a proper prefix of a stop string.
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-n:]):
+                hold = max(hold, n)
+                break
+    return len(text) - hold
