@@ -5,4 +5,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = []
+from router.cli import register as register_router
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [register_router]

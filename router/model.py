@@ -1,0 +1,148 @@
+"""Tiny ada: a fastText-style multi-label domain classifier over hashed word and character n-grams."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "router.safetensors"
+META_FILE = "router.json"
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+class RouterInputError(ValueError):
+    """A prompt the router cannot score (empty or whitespace only)."""
+
+
+@dataclass
+class HashingConfig:
+    """How text becomes feature ids; saved with the weights so scoring never drifts from training."""
+
+    buckets: int = 1 << 15  # hash space shared by all feature kinds
+    char_ngrams: tuple[int, int] = (3, 5)  # inclusive n range of character n-grams inside "<word>"
+    word_ngrams: int = 2  # word unigrams .. n-grams
+    max_chars: int = 2000  # only this prefix is featurised: a 1 MB prompt costs the same as a long one
+    max_word_len: int = 30  # longer "words" (base64, hashes) give no char n-grams
+
+
+def featurize(text: str, cfg: HashingConfig) -> list[int]:
+    """Hashed feature ids of a prompt (duplicates kept: the bag is a mean, like fastText)."""
+    text = unicodedata.normalize("NFKC", text[: cfg.max_chars]).lower()
+    tokens = _TOKEN.findall(text)
+    b = cfg.buckets
+    ids = [zlib.crc32(b"w" + t.encode()) % b for t in tokens]
+    for n in range(2, cfg.word_ngrams + 1):
+        ids += [zlib.crc32(("g " + " ".join(tokens[i : i + n])).encode()) % b for i in range(len(tokens) - n + 1)]
+    lo, hi = cfg.char_ngrams
+    for t in tokens:
+        if len(t) < 2 or len(t) > cfg.max_word_len:
+            continue
+        w = f"<{t}>".encode()
+        for n in range(lo, hi + 1):
+            ids += [zlib.crc32(w[i : i + n]) % b for i in range(len(w) - n + 1)]
+    return ids
+
+
+@dataclass
+class TinyAdaConfig:
+    """Model and artifact settings."""
+
+    domains: list[str]  # output order; comes from the data
+    dim: int = 32  # embedding width
+    hashing: HashingConfig = field(default_factory=HashingConfig)
+    thresholds: dict[str, float] = field(default_factory=dict)  # per domain, calibrated on validation
+
+
+class TinyAda(nn.Module):
+    """Mean of hashed n-gram embeddings -> linear -> one independent sigmoid per domain."""
+
+    def __init__(self, config: TinyAdaConfig) -> None:
+        super().__init__()
+        if not config.domains:
+            raise ValueError("a router needs at least one domain")
+        self.config = config
+        self.embed = nn.EmbeddingBag(config.hashing.buckets, config.dim, mode="mean")
+        self.head = nn.Linear(config.dim, len(config.domains))
+        nn.init.uniform_(self.embed.weight, -1.0 / config.dim, 1.0 / config.dim)
+        self._np: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def domains(self) -> list[str]:
+        return self.config.domains
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids, offsets))  # (B, n_domains) logits
+
+    def batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = [featurize(t, self.config.hashing) or [0] for t in texts]
+        offsets = torch.tensor([0] + [len(f) for f in feats[:-1]]).cumsum(0)
+        return torch.tensor([i for f in feats for i in f]), offsets
+
+    def score(self, text: str) -> dict[str, float]:
+        """Per-domain probability for one prompt; numpy on the hot path (no autograd, no dispatch)."""
+        if not isinstance(text, str):
+            raise RouterInputError(f"prompt must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise RouterInputError("prompt is empty or whitespace only")
+        if self._np is None or self.training:
+            self.refresh()
+        emb, w, b = self._np  # type: ignore[misc]
+        ids = featurize(text, self.config.hashing)
+        if not ids:  # punctuation-free and word-free text cannot happen after strip(); keep it total
+            ids = [0]
+        h = emb[ids].mean(axis=0)  # (D,)
+        logits = w @ h + b  # (n_domains,)
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        return {d: float(p) for d, p in zip(self.domains, probs, strict=True)}
+
+    def score_batch(self, texts: list[str]) -> list[dict[str, float]]:
+        return [self.score(t) for t in texts]
+
+    def refresh(self) -> None:
+        """Copy weights to numpy for scoring (call after training)."""
+        self._np = (
+            self.embed.weight.detach().float().numpy(),
+            self.head.weight.detach().float().numpy(),
+            self.head.bias.detach().float().numpy(),
+        )
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        # fp16 halves the artifact; scores move by ~1e-4, far below any threshold's resolution.
+        tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, out / WEIGHTS_FILE)
+        meta = asdict(self.config)
+        meta["format"] = "consilium-tiny-ada/1"
+        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> TinyAda:
+        path = Path(path)
+        meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
+        if not meta_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(f"{path} is not a router artifact (needs {META_FILE} and {WEIGHTS_FILE})")
+        meta = json.loads(meta_path.read_text())
+        meta.pop("format", None)
+        h = meta.pop("hashing")
+        h["char_ngrams"] = tuple(h["char_ngrams"])
+        model = cls(TinyAdaConfig(hashing=HashingConfig(**h), **meta))
+        model.load_state_dict({k: v.float() for k, v in load_file(weights_path).items()})
+        model.eval()
+        model.refresh()
+        return model
+
+
+def shipped_router_path() -> Path:
+    """The router trained on router/data/ that ships with the package."""
+    return Path(__file__).parent / "artifacts" / "default"
