@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from fusion.cli import register as register_fusion
 from router.cli import register as register_router
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [register_router]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [register_router, register_fusion]

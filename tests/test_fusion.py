@@ -1,0 +1,222 @@
+"""The cross-attention merger and the T5 synthesizer: identity, masks, options, training, batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion.merger import AdvancedCrossAttentionMerger, MergerConfig
+from fusion.synthesizer import Answer, SynthesisRequest, Synthesizer
+from fusion.train import FusionDataError, FusionTrainConfig, read_fusion_jsonl, train_fusion
+
+D = 32
+
+
+def merger(**kw) -> AdvancedCrossAttentionMerger:
+    torch.manual_seed(0)
+    return AdvancedCrossAttentionMerger(MergerConfig(d_model=D, num_heads=4, **kw)).eval()
+
+
+def opened(m: AdvancedCrossAttentionMerger) -> AdvancedCrossAttentionMerger:
+    with torch.no_grad():
+        m.gate.fill_(0.5)  # as if trained: the attention path now reaches the output
+    return m
+
+
+def inputs(B: int = 2, K: int = 3, L: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    x = torch.randn(B, K, L, D)
+    mask = torch.ones(B, K, L, dtype=torch.bool)
+    if K >= 3 and B >= 2:
+        mask[0, 1, 3:] = False
+        mask[1, 2, 1:] = False
+    return x, mask
+
+
+def test_identity_at_init_bit_for_bit() -> None:
+    x, mask = inputs()
+    for kw in [{}, {"num_kv_heads": 2, "qk_norm": True, "softcap": 20.0}]:
+        m = merger(**kw)
+        assert torch.equal(m(x, mask), x)
+        assert torch.equal(m(x, mask, torch.tensor([[0.9, 0.5, 0.1], [1.0, 1.0, 1.0]])), x)
+
+
+def test_k_equals_one_is_identity_even_when_trained() -> None:
+    x, mask = inputs(K=1)
+    out = opened(merger())(x, mask)
+    assert torch.equal(out, x)
+    assert torch.isfinite(out).all()
+
+
+def test_padded_keys_get_no_weight() -> None:
+    m = opened(merger())
+    x, mask = inputs()
+    base = m(x, mask)
+    x2 = x.clone()
+    x2[0, 1, 3:] = 1e4 * torch.randn_like(x2[0, 1, 3:])  # garbage in padded positions only
+    x2[1, 2, 1:] = -1e4
+    out = m(x2, mask)
+    assert torch.allclose(out[mask], base[mask] + (x2 - x)[mask], atol=1e-5)  # real tokens unchanged
+
+
+def test_a_token_does_not_attend_to_its_own_answer() -> None:
+    m = opened(merger())
+    x, mask = inputs(B=1, K=2, L=4)
+    base = m(x, mask)
+    x2 = x.clone()
+    x2[0, 1, 0] += 1.0  # change one token of answer 1
+    out = m(x2, mask)
+    # Answer 0 attends to answer 1, so it moves; the other tokens of answer 1 never look at answer 1.
+    assert not torch.allclose(out[0, 0], base[0, 0])
+    assert torch.allclose(out[0, 1, 1:], base[0, 1, 1:], atol=1e-6)
+
+
+def test_routing_weight_biases_attention() -> None:
+    m = opened(merger())
+    x, mask = inputs(B=1, K=3, L=4)
+    mask[:] = True
+    # Token of answer 0 sees answers 1 and 2; make answer 2 dominant and compare against answer 2's values.
+    strong_2 = m(x, mask, torch.tensor([[1.0, 1e-3, 1.0]]))
+    strong_1 = m(x, mask, torch.tensor([[1.0, 1.0, 1e-3]]))
+    only_2 = m(x, mask & torch.tensor([True, False, True])[None, :, None])
+    only_1 = m(x, mask & torch.tensor([True, True, False])[None, :, None])
+    assert torch.allclose(strong_2[0, 0], only_2[0, 0], atol=1e-2)
+    assert torch.allclose(strong_1[0, 0], only_1[0, 0], atol=1e-2)
+
+
+@pytest.mark.parametrize("option", [{"num_kv_heads": 2}, {"qk_norm": True}, {"softcap": 0.5}])
+def test_options_change_output_only_when_enabled(option: dict) -> None:
+    x, mask = inputs()
+    plain = opened(merger())(x, mask)
+    with_option = opened(merger(**option))
+    assert not torch.allclose(with_option(x, mask), plain, atol=1e-4)
+    disabled = {k: (None if k != "qk_norm" else False) for k in option}
+    assert torch.allclose(opened(merger(**disabled))(x, mask), plain)
+
+
+def test_softcap_large_cap_matches_sdpa_path() -> None:
+    x, mask = inputs()
+    assert torch.allclose(opened(merger(softcap=1e6))(x, mask), opened(merger())(x, mask), atol=1e-5)
+
+
+def test_gradients_reach_every_parameter() -> None:
+    m = opened(merger(num_kv_heads=2, qk_norm=True, softcap=30.0)).train()
+    x, mask = inputs()
+    m(x, mask, torch.rand(2, 3) + 0.1).pow(2).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_fully_padded_answer_keeps_gradients_finite() -> None:
+    m = opened(merger()).train()
+    x, mask = inputs()
+    mask[0, 0] = False
+    m(x.requires_grad_(), mask).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_shapes_name_the_shapes() -> None:
+    m = merger()
+    with pytest.raises(ValueError, match=r"\(B, K, L, D\), got shape \(2, 5, 32\)"):
+        m(torch.randn(2, 5, D), torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must be \(B, K, L\) = \(2, 3, 5\), got \(2, 3, 4\)"):
+        m(torch.randn(2, 3, 5, D), torch.ones(2, 3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="d_model=32"):
+        m(torch.randn(2, 3, 5, 16), torch.ones(2, 3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=4"):
+        MergerConfig(d_model=D, num_heads=4, num_kv_heads=3)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    m = opened(merger(num_kv_heads=2, qk_norm=True))
+    m.save(tmp_path / "m")
+    loaded = AdvancedCrossAttentionMerger.load(tmp_path / "m").eval()
+    x, mask = inputs()
+    assert loaded.config == m.config
+    assert torch.equal(loaded(x, mask), m(x, mask))
+
+
+@pytest.fixture()
+def synth(zoo: Path) -> Synthesizer:
+    return Synthesizer.from_pretrained(str(zoo / "t5"), max_answer_tokens=48)
+
+
+def req(q: str, *answers: str) -> SynthesisRequest:
+    return SynthesisRequest(q, [Answer(d, t) for d, t in zip(["medical", "code", "general"], answers)])
+
+
+def test_synthesizer_batch_invariance(synth: Synthesizer) -> None:
+    opened(synth.merger)  # a non-identity merger, so padding across answers is exercised too
+    reqs = [
+        req("what helps a fever?", "rest and fluids", "use a thermometer api"),
+        req("hi", "hello"),
+        req("explain", "a much longer answer " * 5, "short", "third answer here"),
+    ]
+    alone = [synth.generate([r], max_new_tokens=10)[0] for r in reqs]
+    batched = synth.generate(reqs, max_new_tokens=10)
+    assert batched == alone
+
+
+def test_long_answer_is_truncated_not_dropped(synth: Synthesizer) -> None:
+    states, mask = synth.encode([req("q", "word " * 1000, "short")])
+    per_answer = mask.view(1, 2, -1).sum(-1)
+    assert per_answer[0, 0] == 48  # the budget, not zero
+    assert per_answer[0, 1] > 0
+
+
+def test_untrained_merger_is_plain_fid(synth: Synthesizer) -> None:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    r = req("what helps a fever?", "rest and fluids", "drink water")
+    fused, mask = synth.encode([r])
+    enc = synth.tokenizer([f"question: {r.query} expert: {a.domain} answer: {a.text}" for a in r.answers],
+                          padding=True, return_tensors="pt")
+    plain = synth.t5.encoder(**enc).last_hidden_state  # (K, L, D)
+    assert torch.equal(fused.view(2, -1, plain.shape[-1])[mask.view(2, -1)], plain[enc.attention_mask.bool()])
+    out = synth.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=plain.reshape(1, -1, plain.shape[-1])),
+                            attention_mask=enc.attention_mask.reshape(1, -1), max_new_tokens=8, do_sample=False)
+    assert synth.generate([r], max_new_tokens=8)[0] == synth.tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def test_training_lowers_loss_and_saves(synth: Synthesizer, tmp_path: Path) -> None:
+    from fusion.train import FusionExample
+
+    data = [FusionExample(req(f"q{i}", f"alpha {i}", f"beta {i}"), f"alpha {i} beta") for i in range(8)]
+    for mode in ("full",):
+        hist = train_fusion(synth, data, data, FusionTrainConfig(mode=mode, epochs=6, lr=3e-3, batch_size=4),
+                            progress=False)
+        assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    assert synth.merger.gate.abs().sum() > 0  # the merger moved away from identity
+    synth.merger.save(tmp_path / "m")
+    assert AdvancedCrossAttentionMerger.load(tmp_path / "m").gate.abs().sum() > 0
+
+
+def test_frozen_mode_trains_only_the_merger(synth: Synthesizer) -> None:
+    from fusion.train import FusionExample
+
+    before = {k: v.clone() for k, v in synth.t5.state_dict().items()}
+    data = [FusionExample(req("q", "a", "b"), "a b") for _ in range(4)]
+    hist = train_fusion(synth, data, data, FusionTrainConfig(mode="frozen", epochs=3, lr=1e-2), progress=False)
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    assert all(torch.equal(before[k], v) for k, v in synth.t5.state_dict().items())
+
+
+def test_bad_fusion_data_names_line(tmp_path: Path) -> None:
+    p = tmp_path / "f.jsonl"
+    good = {"query": "q", "answers": [{"domain": "medical", "text": "a"}], "target": "t"}
+    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answers": []}) + "\n")
+    with pytest.raises(FusionDataError, match=r"f.jsonl:2: 'answers' must be a non-empty list"):
+        read_fusion_jsonl(p)
+    p.write_text(json.dumps({**good, "answers": [{"domain": "x", "text": "a", "weight": -1}]}) + "\n")
+    with pytest.raises(FusionDataError, match=r":1: answers\[0\].weight must be > 0"):
+        read_fusion_jsonl(p)
+    assert len(read_fusion_jsonl(_write(tmp_path / "ok.jsonl", good))) == 1
+
+
+def _write(p: Path, row: dict) -> Path:
+    p.write_text(json.dumps(row) + "\n")
+    return p
