@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ZOO    := .zoo
 
-.PHONY: install serve test lint bench zoo clean
+.PHONY: install serve test lint zoo clean
 
 # torch is pinned to the local CPU build first: an unpinned torch would pull gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -21,8 +21,9 @@ $(ZOO)/zoo.json: $(VENV)/.installed
 
 zoo: $(ZOO)/zoo.json
 
+# Foreground server on http://127.0.0.1:8000 (Ctrl-C stops it).
 serve: zoo
-	$(VENV)/bin/consilium generate --model $(ZOO)/general --prompt "Hello, who are you?" --stream
+	$(VENV)/bin/consilium serve configs/tiny.yaml
 
 test: install
 	$(PY) -m pytest -q tests

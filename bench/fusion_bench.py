@@ -34,7 +34,7 @@ def example(rng: random.Random, one_answer: bool) -> FusionExample:
     wards = rng.sample(WARDS, 3)
     codes = [str(rng.randint(10, 99)) for _ in wards]
     who = rng.randrange(3)
-    a1 = " ".join(f"{n} is in {w} ward." for n, w in zip(names, wards))
+    a1 = " ".join(f"{n} is in {w} ward." for n, w in zip(names, wards, strict=True))
     order = rng.sample(range(3), 3)  # the second answer lists wards in another order
     a2 = " ".join(f"{wards[i]} ward code {codes[i]}." for i in order)
     answers = [Answer("medical", a1)] if one_answer else [Answer("medical", a1), Answer("code", a2)]
@@ -52,16 +52,26 @@ def run_arm(arm: str, train_n: int, test_n: int, epochs: int, seed: int) -> dict
     synth = Synthesizer(t5, tok, AdvancedCrossAttentionMerger(MergerConfig(d_model=128, num_heads=4)), 96)
     mode = "fid" if arm != "FiD + merger" else "full"
     t0 = time.perf_counter()
-    hist = train_fusion(synth, train, test[:64], FusionTrainConfig(mode=mode, epochs=epochs, lr=2e-3, batch_size=32,
-                                                                   seed=seed), progress=False)
+    hist = train_fusion(
+        synth,
+        train,
+        test[:64],
+        FusionTrainConfig(mode=mode, epochs=epochs, lr=2e-3, batch_size=32, seed=seed),
+        progress=False,
+    )
     secs = time.perf_counter() - t0
     hits = 0
     for i in range(0, len(test), 64):
         batch = test[i : i + 64]
         outs = synth.generate([e.request for e in batch], max_new_tokens=6)
         hits += sum(o.strip() == e.target for o, e in zip(outs, batch, strict=True))
-    return {"arm": arm, "exact_match": hits / len(test), "final_val_loss": hist[-1]["val_loss"],
-            "train_s": secs, "merger_gate_mean": float(synth.merger.gate.abs().mean())}
+    return {
+        "arm": arm,
+        "exact_match": hits / len(test),
+        "final_val_loss": hist[-1]["val_loss"],
+        "train_s": secs,
+        "merger_gate_mean": float(synth.merger.gate.abs().mean()),
+    }
 
 
 def time_merger(K: int, L: int = 256, D: int = 1024, heads: int = 16, reps: int = 5) -> dict:
@@ -93,8 +103,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    rows = [run_arm(arm, args.train, args.test, args.epochs, args.seed)
-            for arm in ("one answer", "FiD, no merger", "FiD + merger")]
+    rows = [
+        run_arm(arm, args.train, args.test, args.epochs, args.seed)
+        for arm in ("one answer", "FiD, no merger", "FiD + merger")
+    ]
     print_table(f"two-hop fusion task: exact match on {args.test} held-out examples (chance ~ 1/90)", rows)
     timing = [time_merger(K) for K in (2, 4, 8)]
     print_table("merger forward, L=256 per answer, D=1024, 16 heads, CPU (plain SDPA: one call, same tokens)", timing)

@@ -114,6 +114,23 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Validate the config (errors name the field), then hand over to `serve run` in the foreground."""
+    import os
+    import shutil
+
+    from deployments.config import ConfigError, load_graph_config
+
+    try:
+        load_graph_config(args.config)
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
+    serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+    print(f"consilium: starting {args.config} (first start takes a minute: every replica loads its model)")
+    os.execv(serve_bin, [serve_bin, "run", str(args.config)])
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="consilium", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -142,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc = cfg.add_parser("check", help="validate a graph or Serve config file")
     cc.add_argument("path")
     cc.set_defaults(func=cmd_config_check)
+
+    srv = sub.add_parser("serve", help="run the Serve graph of a config in the foreground")
+    srv.add_argument("config", type=_existing_path, help="Serve config file, e.g. configs/tiny.yaml")
+    srv.set_defaults(func=cmd_serve)
 
     for register in _extensions():
         register(sub)

@@ -167,7 +167,13 @@ def tiny_t5(tokenizer: PreTrainedTokenizerFast, d_model: int = 64) -> T5ForCondi
         decoder_start_token_id=tokenizer.pad_token_id,
         initializer_factor=1.0,
     )
-    return T5ForConditionalGeneration(config)
+    model = T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        # Random weights often make <pad> or </s> the argmax, so the tiny synthesizer would say nothing;
+        # zero their output rows so demos and tests see text. Real checkpoints are untouched by this.
+        for special in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+            model.lm_head.weight[special] = 0.0
+    return model
 
 
 def add_random_lora(model_dir: Path, out_dir: Path, seed: int) -> None:

@@ -37,8 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--val")
     tr.add_argument("--out", required=True, help="merger directory to write")
     tr.add_argument("--init", help="start from this merger directory")
-    tr.add_argument("--mode", choices=["frozen", "lora", "full"], default="frozen",
-                    help="frozen: only the merger learns; lora: plus LoRA on T5; full: everything (tiny models)")
+    tr.add_argument(
+        "--mode",
+        choices=["frozen", "lora", "full"],
+        default="frozen",
+        help="frozen: only the merger learns; lora: plus LoRA on T5; full: everything (tiny models)",
+    )
     tr.add_argument("--epochs", type=int, default=3)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--lr", type=float, default=1e-3)

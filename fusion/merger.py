@@ -142,7 +142,7 @@ def _check_shapes(
     if x.dim() != 4:
         raise ValueError(f"x must be (B, K, L, D), got shape {tuple(x.shape)}")
     B, K, L, D = x.shape
-    if D != d_model:
+    if d_model != D:
         raise ValueError(f"x has D={D} but the merger was built for d_model={d_model} (x {tuple(x.shape)})")
     if tuple(mask.shape) != (B, K, L):
         raise ValueError(f"mask must be (B, K, L) = {(B, K, L)}, got {tuple(mask.shape)}")

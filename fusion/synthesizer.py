@@ -168,6 +168,7 @@ class Synthesizer:
             list(targets), max_length=max_target_tokens, truncation=True, padding=True, return_tensors="pt"
         ).input_ids.to(self.device)
         labels[labels == self.tokenizer.pad_token_id] = -100
-        out = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask.long(),
-                      labels=labels)
+        out = self.t5(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask.long(), labels=labels
+        )
         return out.loss

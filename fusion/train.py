@@ -87,7 +87,9 @@ def trainable_parameters(synth: Synthesizer, cfg: FusionTrainConfig) -> list[tor
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        synth.t5 = get_peft_model(synth.t5, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=["q", "v"]))
+        synth.t5 = get_peft_model(
+            synth.t5, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=["q", "v"])
+        )
     params = [p for p in synth.merger.parameters() if p.requires_grad]
     params += [p for p in synth.t5.parameters() if p.requires_grad]
     return params

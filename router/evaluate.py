@@ -56,7 +56,7 @@ def latency_ms(model: TinyAda, texts: list[str], repeats: int = 1) -> list[float
 
 def _pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round((len(s) - 1) * q / 100)))] if s else 0.0
+    return s[min(len(s) - 1, round((len(s) - 1) * q / 100))] if s else 0.0
 
 
 def evaluate(model: TinyAda, examples: list[Example], top_k: int = 2) -> EvalReport:

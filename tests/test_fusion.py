@@ -146,7 +146,7 @@ def synth(zoo: Path) -> Synthesizer:
 
 
 def req(q: str, *answers: str) -> SynthesisRequest:
-    return SynthesisRequest(q, [Answer(d, t) for d, t in zip(["medical", "code", "general"], answers)])
+    return SynthesisRequest(q, [Answer(d, t) for d, t in zip(["medical", "code", "general"], answers, strict=False)])
 
 
 def test_synthesizer_batch_invariance(synth: Synthesizer) -> None:
@@ -162,7 +162,7 @@ def test_synthesizer_batch_invariance(synth: Synthesizer) -> None:
 
 
 def test_long_answer_is_truncated_not_dropped(synth: Synthesizer) -> None:
-    states, mask = synth.encode([req("q", "word " * 1000, "short")])
+    _, mask = synth.encode([req("q", "word " * 1000, "short")])
     per_answer = mask.view(1, 2, -1).sum(-1)
     assert per_answer[0, 0] == 48  # the budget, not zero
     assert per_answer[0, 1] > 0
@@ -173,12 +173,19 @@ def test_untrained_merger_is_plain_fid(synth: Synthesizer) -> None:
 
     r = req("what helps a fever?", "rest and fluids", "drink water")
     fused, mask = synth.encode([r])
-    enc = synth.tokenizer([f"question: {r.query} expert: {a.domain} answer: {a.text}" for a in r.answers],
-                          padding=True, return_tensors="pt")
+    enc = synth.tokenizer(
+        [f"question: {r.query} expert: {a.domain} answer: {a.text}" for a in r.answers],
+        padding=True,
+        return_tensors="pt",
+    )
     plain = synth.t5.encoder(**enc).last_hidden_state  # (K, L, D)
     assert torch.equal(fused.view(2, -1, plain.shape[-1])[mask.view(2, -1)], plain[enc.attention_mask.bool()])
-    out = synth.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=plain.reshape(1, -1, plain.shape[-1])),
-                            attention_mask=enc.attention_mask.reshape(1, -1), max_new_tokens=8, do_sample=False)
+    out = synth.t5.generate(
+        encoder_outputs=BaseModelOutput(last_hidden_state=plain.reshape(1, -1, plain.shape[-1])),
+        attention_mask=enc.attention_mask.reshape(1, -1),
+        max_new_tokens=8,
+        do_sample=False,
+    )
     assert synth.generate([r], max_new_tokens=8)[0] == synth.tokenizer.decode(out[0], skip_special_tokens=True)
 
 
@@ -187,8 +194,9 @@ def test_training_lowers_loss_and_saves(synth: Synthesizer, tmp_path: Path) -> N
 
     data = [FusionExample(req(f"q{i}", f"alpha {i}", f"beta {i}"), f"alpha {i} beta") for i in range(8)]
     for mode in ("full",):
-        hist = train_fusion(synth, data, data, FusionTrainConfig(mode=mode, epochs=6, lr=3e-3, batch_size=4),
-                            progress=False)
+        hist = train_fusion(
+            synth, data, data, FusionTrainConfig(mode=mode, epochs=6, lr=3e-3, batch_size=4), progress=False
+        )
         assert hist[-1]["val_loss"] < hist[0]["val_loss"]
     assert synth.merger.gate.abs().sum() > 0  # the merger moved away from identity
     synth.merger.save(tmp_path / "m")

@@ -566,7 +566,8 @@ MULTI = {
         "SQL query to find all patients with {condition} who were prescribed {drug} in the last year.",
         "Write code to de-identify {record} before sharing them for research on {condition}.",
         "How do I parse {record} with {tool} and compute the average {test} per ward?",
-        "Implement an alert in {lang} that pages the nurse when a patient with {condition} shows {symptom} in {record}.",
+        "Implement an alert in {lang} that pages the nurse when a patient with {condition} shows {symptom} "
+        "in {record}.",
         "Design a schema for {record} that tracks {drug} prescriptions and {test} results.",
         "Unit test for a dosage calculator: {drug} for {who}, written in {lang}.",
         "{lang} pipeline to clean {record} and count cases of {condition} by month.",

@@ -1,0 +1,259 @@
+"""The council: route a prompt, fan out to specialists with timeouts, merge; shared by Serve and the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from deployments.config import GraphConfig
+from deployments.protocol import Routing
+from router.model import TinyAda, shipped_router_path
+from router.policy import RoutingDecision, RoutingPolicy
+
+logger = logging.getLogger(__name__)
+
+
+class CouncilError(Exception):
+    """Carries an HTTP status and an OpenAI error type; the ingress turns it into an error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        routing: Routing | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.routing = status, message, type_, code, routing
+
+
+class SpecialistClient(Protocol):
+    async def generate(self, name: str, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
+class MergerClient(Protocol):
+    async def synthesize(self, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
+@dataclass
+class CouncilAnswer:
+    text: str
+    routing: Routing
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+@dataclass
+class StreamEvent:
+    """A text delta; the last event has done=True with usage, finish reason and the final routing."""
+
+    text: str = ""
+    done: bool = False
+    routing: Routing | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_router(config: GraphConfig) -> tuple[TinyAda, RoutingPolicy]:
+    """The router artifact and the policy the config describes; domains must map onto specialists."""
+    model = TinyAda.load(config.router.model or shipped_router_path())
+    thresholds = {**model.config.thresholds, **config.router.thresholds}
+    policy = RoutingPolicy(
+        thresholds=thresholds,
+        fallback=config.router.fallback,
+        top_k=config.router.top_k,
+        domain_to_specialist=config.router.domain_to_specialist,
+    )
+    names = {s.name for s in config.specialists}
+    missing = sorted(d for d in model.domains if policy.specialist_for(d) not in names)
+    if missing:
+        raise ValueError(
+            f"router domains {missing} map to no configured specialist; add them to "
+            f"router.domain_to_specialist or configure specialists with those names ({sorted(names)})"
+        )
+    return model, policy
+
+
+def routing_text(payload: dict[str, Any]) -> str:
+    """What the router reads: the last user message of a chat, or the completion prompt."""
+    if payload.get("messages"):
+        users = [m["content"] for m in payload["messages"] if m["role"] == "user"]
+        return users[-1] if users else payload["messages"][-1]["content"]
+    return payload.get("prompt") or ""
+
+
+class Council:
+    """Routing, parallel fan-out with per-specialist timeouts, graceful degradation, merging."""
+
+    def __init__(
+        self,
+        config: GraphConfig,
+        specialists: SpecialistClient,
+        merger: MergerClient,
+        router: TinyAda | None = None,
+        policy: RoutingPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.specialists = specialists
+        self.merger = merger
+        if router is None or policy is None:
+            router, policy = load_router(config)
+        self.router, self.policy = router, policy
+        self.names = [s.name for s in config.specialists]
+
+    def decide(self, model: str, text: str) -> RoutingDecision:
+        if model != "auto":
+            if model not in self.names:
+                raise CouncilError(
+                    404, f"model {model!r} does not exist; use 'auto' or one of {self.names}", code="model_not_found"
+                )
+            return self.policy.pin(model)
+        if not text.strip():
+            raise CouncilError(400, "the prompt is empty: nothing to route")
+        return self.policy.decide(self.router.score(text))
+
+    @staticmethod
+    def _routing(decision: RoutingDecision) -> Routing:
+        return Routing(
+            scores=decision.scores,
+            specialists=list(decision.specialists),
+            fell_back=decision.fell_back,
+            pinned=decision.pinned,
+        )
+
+    async def _call(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        timeout = self.config.specialist(name).timeout_s
+        try:
+            return await asyncio.wait_for(self.specialists.generate(name, {**payload, "specialist": name}), timeout)
+        except asyncio.TimeoutError:
+            return {"error": {"kind": "timeout", "message": f"no answer within {timeout:g}s"}}
+        except Exception as err:  # a dead replica, a crashed engine: degrade, never fail the request
+            logger.warning("specialist %s failed: %r", name, err)
+            return {"error": {"kind": "engine", "message": f"{type(err).__name__}: {err}"[:500]}}
+
+    async def fan_out(self, decision: RoutingDecision, payload: dict[str, Any]) -> tuple[dict[str, dict], Routing]:
+        """Call every chosen specialist in parallel; split answers from failures."""
+        routing = self._routing(decision)
+        results = await asyncio.gather(*(self._call(n, payload) for n in decision.specialists))
+        answers: dict[str, dict] = {}
+        client_errors = []
+        for name, res in zip(decision.specialists, results, strict=True):
+            if "error" in res:
+                routing.failed[name] = f"{res['error']['kind']}: {res['error']['message']}"
+                if res["error"]["kind"] == "invalid_request":
+                    client_errors.append(res["error"]["message"])
+            else:
+                answers[name] = res
+        routing.used = list(answers)
+        if not answers:
+            if client_errors and len(client_errors) == len(results):
+                raise CouncilError(400, client_errors[0], routing=routing)
+            raise CouncilError(
+                503,
+                f"every chosen specialist failed: {routing.failed}",
+                type_="service_unavailable",
+                code="specialists_unavailable",
+                routing=routing,
+            )
+        return answers, routing
+
+    def _merge_payload(self, payload: dict[str, Any], answers: dict[str, dict], routing: Routing) -> dict[str, Any]:
+        return {
+            "query": routing_text(payload),
+            "answers": [
+                {"domain": n, "text": a["text"], "weight": routing.scores.get(n, 1.0) or 1.0}
+                for n, a in answers.items()
+            ],
+            "max_tokens": payload.get("max_tokens"),
+        }
+
+    async def answer(self, payload: dict[str, Any]) -> CouncilAnswer:
+        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        answers, routing = await self.fan_out(decision, payload)
+        prompt_tokens = sum(a["prompt_tokens"] for a in answers.values())
+        spec_tokens = sum(a["completion_tokens"] for a in answers.values())
+        if len(answers) == 1:
+            (only,) = answers.values()
+            return CouncilAnswer(only["text"], routing, prompt_tokens, spec_tokens, only["finish_reason"])
+        merged = await self._merge(self._merge_payload(payload, answers, routing), routing, answers)
+        routing.merged = "merger" not in routing.failed
+        return CouncilAnswer(merged["text"], routing, prompt_tokens, spec_tokens + merged["completion_tokens"])
+
+    async def _merge(self, merge_payload: dict[str, Any], routing: Routing, answers: dict[str, dict]) -> dict:
+        try:
+            return await asyncio.wait_for(self.merger.synthesize(merge_payload), self.config.merger.timeout_s)
+        except Exception as err:
+            # Without a merger the best single answer still serves the user.
+            logger.warning("merger failed: %r", err)
+            routing.failed["merger"] = f"{type(err).__name__}: {err}"[:500]
+            best = max(answers, key=lambda n: routing.scores.get(n, 0.0))
+            return {"text": answers[best]["text"], "completion_tokens": 0}
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
+        """One specialist: its tokens straight through. Several: fan out, then stream the merger."""
+        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        if len(decision.specialists) == 1:
+            name = decision.specialists[0]
+            routing = self._routing(decision)
+            first = True
+            async for item in self.specialists.stream(name, {**payload, "specialist": name}):
+                if "error" in item:
+                    if first:  # nothing was sent yet: a proper error status is still possible
+                        status = 400 if item["error"]["kind"] == "invalid_request" else 503
+                        routing.failed[name] = item["error"]["message"]
+                        raise CouncilError(status, item["error"]["message"], routing=routing)
+                    routing.failed[name] = item["error"]["message"]
+                    yield StreamEvent(done=True, routing=routing, finish_reason="error")
+                    return
+                first = False
+                if item.get("finish_reason"):
+                    routing.used = [name]
+                    if item.get("text"):
+                        yield StreamEvent(text=item["text"])
+                    yield StreamEvent(
+                        done=True,
+                        routing=routing,
+                        prompt_tokens=item["prompt_tokens"],
+                        completion_tokens=item["completion_tokens"],
+                        finish_reason=item["finish_reason"],
+                    )
+                    return
+                yield StreamEvent(text=item["text"])
+            return
+        answers, routing = await self.fan_out(decision, payload)
+        prompt_tokens = sum(a["prompt_tokens"] for a in answers.values())
+        spec_tokens = sum(a["completion_tokens"] for a in answers.values())
+        if len(answers) == 1:
+            (only,) = answers.values()
+            yield StreamEvent(text=only["text"])
+            yield StreamEvent(
+                done=True,
+                routing=routing,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=spec_tokens,
+                finish_reason=only["finish_reason"],
+            )
+            return
+        routing.merged = True
+        async for item in self.merger.stream(self._merge_payload(payload, answers, routing)):
+            if "completion_tokens" in item:
+                yield StreamEvent(
+                    done=True,
+                    routing=routing,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=spec_tokens + item["completion_tokens"],
+                    finish_reason="stop",
+                )
+                return
+            yield StreamEvent(text=item["text"])

@@ -1,0 +1,46 @@
+"""Fault-injection engines for tests and chaos drills: one that always raises, one that hangs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from deployments.config import EngineConfig
+from deployments.engines.base import GenerationRequest, GenerationResult, StreamDelta
+
+
+class ExplodingEngine:
+    """Every generation raises, as a crashed CUDA context or a corrupt checkpoint would."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        raise RuntimeError("injected fault: engine exploded")
+
+    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        raise RuntimeError("injected fault: engine exploded")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        raise RuntimeError("injected fault: engine exploded")
+        yield StreamDelta(text="")  # pragma: no cover - makes this an async generator
+
+    def check_health(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class HangingEngine(ExplodingEngine):
+    """Every generation sleeps far past any sane timeout, as a wedged replica would."""
+
+    hang_s = 3600.0
+
+    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        await asyncio.sleep(self.hang_s)
+        return [GenerationResult("", 0, 0, "length") for _ in requests]
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        await asyncio.sleep(self.hang_s)
+        yield StreamDelta(text="", finish_reason="length")

@@ -1,0 +1,156 @@
+"""Specialist: one loaded base model serving one or more specialists (adapter and system prompt each)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from deployments.config import SpecialistConfig
+from deployments.engines.base import Engine, EngineInputError, GenerationRequest, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def error_result(kind: str, message: str) -> dict[str, Any]:
+    """Errors cross process boundaries as data, not exceptions: kind is 'invalid_request' or 'engine'."""
+    return {"error": {"kind": kind, "message": message}}
+
+
+def resolve_engine_class(engine_cls: str | type | None, config: SpecialistConfig) -> type:
+    """An injected engine class (or "module:Class"), else the one `backend` selects."""
+    if engine_cls is None:
+        from deployments.engines.select import select_engine_class
+
+        return select_engine_class(config)
+    if isinstance(engine_cls, str):
+        module, _, name = engine_cls.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return engine_cls
+
+
+class SpecialistGroup:
+    """Translates payloads into engine requests for the specialists that share one base model."""
+
+    def __init__(self, members: list[SpecialistConfig], engine_cls: str | type | None = None) -> None:
+        if not members:
+            raise ValueError("a specialist group needs at least one member")
+        self.members = {m.name: m for m in members}
+        base = members[0].engine_config()
+        # The group loads the union of its members' adapters on one copy of the base.
+        adapters: dict[str, str] = {}
+        for m in members:
+            adapters.update(m.adapters)
+        base = base.model_copy(update={"adapters": adapters})
+        cls = resolve_engine_class(engine_cls, members[0])
+        self.engine: Engine = cls(base)
+        logger.info("specialist group %s ready with %s", sorted(self.members), cls.__name__)
+
+    def to_request(self, payload: dict[str, Any]) -> GenerationRequest:
+        """Payload (JSON-able dict) -> engine request with the specialist's defaults and system prompt."""
+        name = payload.get("specialist")
+        spec = self.members.get(name)  # type: ignore[arg-type]
+        if spec is None:
+            raise EngineInputError(f"specialist {name!r} is not served here ({sorted(self.members)})")
+        g = spec.generation
+        max_new = payload.get("max_tokens") or g.max_new_tokens
+        if max_new > g.max_new_tokens_limit:
+            raise EngineInputError(f"max_tokens={max_new} exceeds this specialist's limit {g.max_new_tokens_limit}")
+        params = SamplingParams(
+            temperature=g.temperature if payload.get("temperature") is None else payload["temperature"],
+            top_p=g.top_p if payload.get("top_p") is None else payload["top_p"],
+            max_new_tokens=max_new,
+            stop=tuple(payload.get("stop") or ()),
+            seed=payload.get("seed"),
+        )
+        messages = payload.get("messages")
+        if messages is not None:
+            msgs = [dict(m) for m in messages]
+            if spec.system_prompt and not any(m["role"] == "system" for m in msgs):
+                msgs.insert(0, {"role": "system", "content": spec.system_prompt})
+            return GenerationRequest(messages=tuple(msgs), params=params, adapter=spec.adapter)
+        return GenerationRequest(prompt=payload.get("prompt"), params=params, adapter=spec.adapter)
+
+    def prepare(self, payload: dict[str, Any]) -> GenerationRequest | dict[str, Any]:
+        """The engine request, or an error result when the payload is a client mistake."""
+        try:
+            request = self.to_request(payload)
+            render = getattr(self.engine, "render", None)
+            if render is not None:
+                render(request)  # tokenise now: a too-long prompt must not fail a whole batch later
+            return request
+        except (EngineInputError, ValueError) as err:
+            return error_result("invalid_request", str(err))
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        prepared = self.prepare(payload)
+        if isinstance(prepared, dict):
+            return prepared
+        return (await self.generate_many([prepared]))[0]
+
+    async def generate_many(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
+        try:
+            results = await self.engine.generate_batch(requests)
+        except EngineInputError as err:
+            return [error_result("invalid_request", str(err))] * len(requests)
+        return [r.__dict__ for r in results]
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        prepared = self.prepare(payload)
+        if isinstance(prepared, dict):
+            yield prepared
+            return
+        try:
+            async for delta in self.engine.stream(prepared):
+                yield delta.__dict__
+        except EngineInputError as err:
+            yield error_result("invalid_request", str(err))
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@serve.deployment(name="specialist", ray_actor_options={"num_cpus": 1})
+class SpecialistDeployment:
+    """Ray Serve replica of a SpecialistGroup; requests are batched dynamically with @serve.batch."""
+
+    def __init__(
+        self,
+        members: list[dict[str, Any]],
+        engine_cls: str | type | None = None,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+    ) -> None:
+        configs = [SpecialistConfig.model_validate(m) for m in members]
+        self.group = SpecialistGroup(configs, engine_cls)
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        prepared = self.group.prepare(payload)
+        if isinstance(prepared, dict):
+            return prepared
+        return await self._batched(prepared)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
+        return await self.group.generate_many(requests)
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.group.stream(payload):
+            yield item
+
+    async def gpu_ids(self) -> list[str]:
+        """The accelerator ids Ray gave this replica (logical on CPU test clusters)."""
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def check_health(self) -> None:
+        self.group.check_health()

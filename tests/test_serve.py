@@ -1,0 +1,307 @@
+"""The Serve graph end to end: a real Ray Serve instance, the zoo, the real `openai` client over HTTP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+pytestmark = pytest.mark.serve
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_DOMAIN = "Write a Python script that parses patient records and flags patients with diabetes."
+MEDICAL = "What are the early symptoms of hypertension?"
+API_KEY = "test-key-123456"
+
+
+def tiny_args(zoo: Path) -> dict:
+    """configs/tiny.yaml's graph, pointed at the test zoo, with one logical GPU per specialist."""
+    args = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
+    for spec in args["specialists"]:
+        spec["model"] = str(zoo / spec["name"])
+        spec["deployment"].update(num_cpus=0.1, num_gpus=1)
+    args["merger"]["model"] = str(zoo / "t5")
+    args["merger"]["deployment"]["num_cpus"] = 0.1
+    args["server"]["deployment"]["num_cpus"] = 0.1
+    return args
+
+
+def fault_args(zoo: Path) -> dict:
+    """Every domain passes its threshold, so every prompt fans out to all three: one works, two fail."""
+    args = tiny_args(zoo)
+    for spec in args["specialists"]:
+        spec["deployment"]["num_gpus"] = 0
+        spec["timeout_s"] = 2
+    args["router"].update(top_k=3, thresholds={"medical": 0.0, "code": 0.0, "general": 0.0})
+    args["server"]["api_key"] = API_KEY
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(zoo: Path) -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_graph
+    from deployments.config import parse_graph_config
+
+    port = free_port()
+    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_graph(parse_graph_config(tiny_args(zoo))), name="main", route_prefix="/")
+    faults = {
+        "code": "deployments.engines.faults:HangingEngine",
+        "general": "deployments.engines.faults:ExplodingEngine",
+    }
+    serve.run(
+        build_graph(parse_graph_config(fault_args(zoo)), engine_overrides=faults), name="faults", route_prefix="/faults"
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def routing_of(obj) -> dict:
+    return obj.model_extra["routing"] if hasattr(obj, "model_extra") else obj["routing"]
+
+
+# ---- the OpenAI surface ---------------------------------------------------------------------------
+
+
+def test_models_lists_auto_and_specialists(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["auto", "medical", "code", "general"]
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": MEDICAL}], max_tokens=8, temperature=0
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 0
+    assert routing_of(r)["used"] == ["medical"]
+    assert routing_of(r)["merged"] is False
+
+
+def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
+    kw = {
+        "model": "general",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1
+
+
+def test_completions_streamed_and_not(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="code", prompt="def add(a, b):", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.usage.total_tokens > 0
+    chunks = list(
+        client.completions.create(model="code", prompt="def add(a, b):", max_tokens=6, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+
+
+def test_route_endpoint(served: str) -> None:
+    r = httpx.post(f"{served}/v1/route", json={"prompt": TWO_DOMAIN})
+    assert r.status_code == 200
+    routing = r.json()["routing"]
+    assert set(routing["specialists"]) == {"code", "medical"}
+    assert set(routing["scores"]) == {"code", "general", "medical"}
+    assert httpx.post(f"{served}/v1/route", json={"model": "code", "prompt": "x"}).json()["routing"]["pinned"]
+
+
+def test_health(served: str) -> None:
+    assert httpx.get(f"{served}/health").json()["status"] == "ok"
+
+
+# ---- dispatch -------------------------------------------------------------------------------------
+
+
+def test_two_domain_prompt_reaches_both_and_the_merger(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": TWO_DOMAIN}], max_tokens=8, temperature=0
+    )
+    routing = routing_of(r)
+    assert set(routing["used"]) == {"code", "medical"}
+    assert routing["merged"] is True and routing["failed"] == {}
+
+
+def test_merged_answer_streams(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": TWO_DOMAIN}], max_tokens=8, temperature=0, stream=True
+        )
+    )
+    final = chunks[-1]
+    assert routing_of(final)["merged"] is True
+    assert len(chunks) >= 2
+
+
+def test_pinned_model_reaches_only_that_one(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="code", messages=[{"role": "user", "content": TWO_DOMAIN}], max_tokens=4)
+    routing = routing_of(r)
+    assert routing["used"] == ["code"] and routing["pinned"] is True and routing["merged"] is False
+
+
+def test_each_specialist_replica_holds_a_different_gpu() -> None:
+    from ray import serve
+
+    ids = []
+    for name in ("medical", "code", "general"):
+        handle = serve.get_deployment_handle(f"specialist-{name}", app_name="main")
+        ids.append(tuple(handle.gpu_ids.remote().result()))
+    assert all(len(i) == 1 for i in ids)
+    assert len(set(ids)) == 3
+
+
+# ---- faults ---------------------------------------------------------------------------------------
+
+
+def test_failing_and_hanging_specialists_degrade(served: str) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"messages": [{"role": "user", "content": MEDICAL}], "max_tokens": 6}
+    r = httpx.post(f"{served}/faults/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    routing = r.json()["routing"]
+    assert routing["used"] == ["medical"]
+    assert set(routing["failed"]) == {"code", "general"}
+    assert routing["failed"]["code"].startswith("timeout")
+    assert "exploded" in routing["failed"]["general"]
+
+
+def test_all_failed_is_503(served: str) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "general", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{served}/faults/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "service_unavailable"
+    assert "general" in r.json()["routing"]["failed"]
+
+
+def test_auth_required_when_configured(served: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong-key-000"}):
+        r = httpx.post(f"{served}/faults/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{served}/faults/v1/models").status_code == 401
+    assert httpx.get(f"{served}/faults/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+GOOD = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+def _bad(change: dict | None = None, drop: str | None = None) -> dict:
+    body = copy.deepcopy(GOOD)
+    body.update(change or {})
+    if drop:
+        del body[drop]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "needle"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (json.dumps(_bad(drop="messages")).encode(), 400, "messages"),
+        (json.dumps(_bad({"messages": "hello"})).encode(), 400, "messages"),
+        (json.dumps(_bad({"messages": []})).encode(), 400, "messages"),
+        (json.dumps(_bad({"messages": [{"role": "wizard", "content": "x"}]})).encode(), 400, "role"),
+        (json.dumps(_bad({"messages": [{"role": "user", "content": "   "}]})).encode(), 400, "non-empty"),
+        (json.dumps(_bad({"temperature": 2.5})).encode(), 400, "temperature"),
+        (json.dumps(_bad({"temperature": "hot"})).encode(), 400, "temperature"),
+        (json.dumps(_bad({"top_p": 0})).encode(), 400, "top_p"),
+        (json.dumps(_bad({"top_p": 1.5})).encode(), 400, "top_p"),
+        (json.dumps(_bad({"max_tokens": 100_000})).encode(), 400, "max_tokens"),
+        (json.dumps(_bad({"max_tokens": 0})).encode(), 400, "max_tokens"),
+        (json.dumps(_bad({"model": "dentist"})).encode(), 404, "dentist"),
+        (json.dumps(_bad({"stop": ["a", "b", "c", "d", "e"]})).encode(), 400, "stop"),
+        (json.dumps(_bad({"messages": [{"role": "user", "content": "fever " * 30_000}]})).encode(), 400, "limit"),
+        (json.dumps(_bad({"messages": [{"role": "user", "content": "x" * 1_100_000}]})).encode(), 413, "limit"),
+    ],
+)
+def test_bad_requests_get_openai_errors(served: str, content: bytes, status: int, needle: str) -> None:
+    r = httpx.post(
+        f"{served}/v1/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert {"message", "type", "param", "code"} <= set(err)
+    assert needle in err["message"]
+    ok = httpx.post(f"{served}/v1/chat/completions", json=GOOD, timeout=60)
+    assert ok.status_code == 200  # the service keeps serving
+
+
+def test_too_long_for_the_model_is_400(served: str) -> None:
+    # Under the HTTP character limit, but over the model's max_prompt_tokens (768).
+    body = _bad({"model": "medical", "messages": [{"role": "user", "content": "fever " * 2000}]})
+    r = httpx.post(f"{served}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
+    r = httpx.post(f"{served}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    assert r.status_code == 400
+
+
+def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], temperature=9)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+# ---- the in-process pipeline ----------------------------------------------------------------------
+
+
+def test_pipeline_routes_like_the_served_graph(served: str, zoo: Path) -> None:
+    from deployments.pipeline import MultiSpecializedLanguageModelPipeline
+
+    prompts = [
+        TWO_DOMAIN,
+        MEDICAL,
+        "How do I reverse a linked list in Rust?",
+        "Plan a trip to Lisbon",
+        "¿Cuáles son los síntomas de la gripe?",
+        "hmm",
+        "SELECT * FROM users;",
+    ]
+    pipe = MultiSpecializedLanguageModelPipeline(tiny_args(zoo))
+    try:
+        for p in prompts:
+            served_route = httpx.post(f"{served}/v1/route", json={"prompt": p}).json()["routing"]["specialists"]
+            assert pipe.route(p) == served_route, p
+        text = pipe.generate_response(TWO_DOMAIN, max_length=8, temperature=0.0)
+        assert isinstance(text, str)
+        assert pipe.last_answer is not None and pipe.last_answer.routing.merged
+    finally:
+        pipe.clear_resources()
+        pipe.clear_resources()  # idempotent
+    with pytest.raises(RuntimeError, match="cleared"):
+        pipe.generate_response("hi")
