@@ -85,6 +85,15 @@ def load_router(config: GraphConfig) -> tuple[TinyAda, RoutingPolicy]:
     return model, policy
 
 
+def describe_failure(err: BaseException) -> str:
+    """One line for clients: the original exception behind Ray's wrapper, without its traceback."""
+    cause = getattr(err, "cause", None) or err  # RayTaskError keeps the replica's exception as .cause
+    if isinstance(cause, asyncio.TimeoutError):
+        return "timeout"
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}"[:300]
+
+
 def routing_text(payload: dict[str, Any]) -> str:
     """What the router reads: the last user message of a chat, or the completion prompt."""
     if payload.get("messages"):
@@ -140,7 +149,7 @@ class Council:
             return {"error": {"kind": "timeout", "message": f"no answer within {timeout:g}s"}}
         except Exception as err:  # a dead replica, a crashed engine: degrade, never fail the request
             logger.warning("specialist %s failed: %r", name, err)
-            return {"error": {"kind": "engine", "message": f"{type(err).__name__}: {err}"[:500]}}
+            return {"error": {"kind": "engine", "message": describe_failure(err)}}
 
     async def fan_out(self, decision: RoutingDecision, payload: dict[str, Any]) -> tuple[dict[str, dict], Routing]:
         """Call every chosen specialist in parallel; split answers from failures."""
@@ -196,7 +205,7 @@ class Council:
         except Exception as err:
             # Without a merger the best single answer still serves the user.
             logger.warning("merger failed: %r", err)
-            routing.failed["merger"] = f"{type(err).__name__}: {err}"[:500]
+            routing.failed["merger"] = describe_failure(err)
             best = max(answers, key=lambda n: routing.scores.get(n, 0.0))
             return {"text": answers[best]["text"], "completion_tokens": 0}
 

@@ -20,3 +20,25 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("zoo")
     build_zoo(out, seed=0)
     return out
+
+
+ADAPTER_DATA = [
+    [{"role": "user", "content": f"how do I treat symptom {i % 7}?"}, {"role": "assistant", "content": "rest, fluids"}]
+    for i in range(48)
+]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A LoRA adapter really trained (a few dozen steps) on the zoo's general model."""
+    from deployments.adapters import AdapterTrainConfig, train_adapter
+
+    out = tmp_path_factory.mktemp("adapter") / "rest-fluids"
+    report = train_adapter(
+        str(zoo / "general"),
+        ADAPTER_DATA,
+        out,
+        AdapterTrainConfig(epochs=4, lr=5e-3, batch_size=4, seed=0),
+        progress=False,
+    )
+    return out, report

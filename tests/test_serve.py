@@ -21,12 +21,22 @@ MEDICAL = "What are the early symptoms of hypertension?"
 API_KEY = "test-key-123456"
 
 
-def tiny_args(zoo: Path) -> dict:
-    """configs/tiny.yaml's graph, pointed at the test zoo, with one logical GPU per specialist."""
+def tiny_args(zoo: Path, adapter: Path | None = None) -> dict:
+    """configs/tiny.yaml's graph on the test zoo, one logical GPU per specialist deployment.
+
+    With `adapter`, a "nurse" specialist joins the general group using that trained LoRA.
+    """
     args = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
     for spec in args["specialists"]:
-        spec["model"] = str(zoo / spec["name"])
+        spec["model"] = spec["model"].replace(".zoo", str(zoo))
+        spec["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in spec.get("adapters", {}).items()}
         spec["deployment"].update(num_cpus=0.1, num_gpus=1)
+        if adapter is not None and spec.get("group") == "general":
+            spec["adapters"]["rest-fluids"] = str(adapter)
+    if adapter is not None:
+        nurse = copy.deepcopy(args["specialists"][-1])
+        nurse.update(name="nurse", adapter="rest-fluids")
+        args["specialists"].append(nurse)
     args["merger"]["model"] = str(zoo / "t5")
     args["merger"]["deployment"]["num_cpus"] = 0.1
     args["server"]["deployment"]["num_cpus"] = 0.1
@@ -36,9 +46,11 @@ def tiny_args(zoo: Path) -> dict:
 def fault_args(zoo: Path) -> dict:
     """Every domain passes its threshold, so every prompt fans out to all three: one works, two fail."""
     args = tiny_args(zoo)
+    args["specialists"] = [s for s in args["specialists"] if s["name"] in ("medical", "code", "general")]
     for spec in args["specialists"]:
         spec["deployment"]["num_gpus"] = 0
-        spec["timeout_s"] = 2
+        if spec["name"] != "medical":  # the injected faulty ones; the real one keeps its generous timeout
+            spec["timeout_s"] = 2
     args["router"].update(top_k=3, thresholds={"medical": 0.0, "code": 0.0, "general": 0.0})
     args["server"]["api_key"] = API_KEY
     return args
@@ -51,7 +63,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(zoo: Path) -> Iterator[str]:
+def served(zoo: Path, trained_adapter: tuple[Path, dict]) -> Iterator[str]:
     import ray
     from ray import serve
 
@@ -61,7 +73,7 @@ def served(zoo: Path) -> Iterator[str]:
     port = free_port()
     ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_graph(parse_graph_config(tiny_args(zoo))), name="main", route_prefix="/")
+    serve.run(build_graph(parse_graph_config(tiny_args(zoo, trained_adapter[0]))), name="main", route_prefix="/")
     faults = {
         "code": "deployments.engines.faults:HangingEngine",
         "general": "deployments.engines.faults:ExplodingEngine",
@@ -89,7 +101,8 @@ def routing_of(obj) -> dict:
 
 
 def test_models_lists_auto_and_specialists(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list().data] == ["auto", "medical", "code", "general"]
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["auto", "medical", "code", "general", "general-lora", "nurse"]
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -174,11 +187,22 @@ def test_each_specialist_replica_holds_a_different_gpu() -> None:
     from ray import serve
 
     ids = []
-    for name in ("medical", "code", "general"):
+    for name in ("medical", "code", "general"):  # general, general-lora and nurse share one deployment
         handle = serve.get_deployment_handle(f"specialist-{name}", app_name="main")
         ids.append(tuple(handle.gpu_ids.remote().result()))
     assert all(len(i) == 1 for i in ids)
     assert len(set(ids)) == 3
+
+
+def test_trained_adapter_serves_on_the_shared_base(client: openai.OpenAI) -> None:
+    from ray import serve
+
+    kw = {"messages": [{"role": "user", "content": "how do I treat symptom 3?"}], "max_tokens": 6, "temperature": 0}
+    nurse = client.chat.completions.create(model="nurse", **kw)
+    general = client.chat.completions.create(model="general", **kw)
+    assert nurse.choices[0].message.content.startswith("rest")  # what the adapter was trained to say
+    assert general.choices[0].message.content != nurse.choices[0].message.content
+    assert "specialist-nurse" not in serve.status().applications["main"].deployments  # no extra replica
 
 
 # ---- faults ---------------------------------------------------------------------------------------

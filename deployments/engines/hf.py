@@ -37,6 +37,8 @@ from deployments.engines.base import (
 
 logger = logging.getLogger(__name__)
 
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
 # Used when a tokenizer ships no chat template: readable by any LM, ends where the answer begins.
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
@@ -70,6 +72,20 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
         logger.info("tokenizer of %s has no chat template; using the plain fallback", config.model)
         tok.chat_template = PLAIN_CHAT_TEMPLATE
     return tok
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, max_prompt_tokens: int) -> list[int]:
+    """Prompt token ids, shared by every engine: chat template for messages, raw text for completions."""
+    if request.messages is not None:
+        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+    if len(ids) == 0:
+        raise EngineInputError("the prompt is empty after tokenization")
+    if len(ids) > max_prompt_tokens:
+        raise EngineInputError(f"the prompt is {len(ids)} tokens; this model accepts at most {max_prompt_tokens}")
+    return ids
 
 
 def load_causal_lm(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -159,20 +175,7 @@ class HFEngine:
 
     def render(self, request: GenerationRequest) -> list[int]:
         """Token ids of the prompt: chat template for messages, raw text for completions."""
-        if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=False
-            )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
-        if len(ids) == 0:
-            raise EngineInputError("the prompt is empty after tokenization")
-        if len(ids) > self.max_prompt_tokens:
-            raise EngineInputError(
-                f"the prompt is {len(ids)} tokens; this model accepts at most {self.max_prompt_tokens}"
-            )
-        return ids
+        return render_prompt(self.tokenizer, request, self.max_prompt_tokens)
 
     def _max_new(self, prompt_len: int, params: SamplingParams) -> int:
         # Clip to the context window rather than fail: the answer can still end with "length".
@@ -230,7 +233,9 @@ class HFEngine:
             p = r.params
             # A seeded sampled request runs alone so its output never depends on its batch mates.
             solo = i if (p.seed is not None and not p.greedy) else None
-            key = (r.adapter, p.greedy, p.temperature, p.top_p, p.stop, p.seed, solo)
+            # peft runs rows with different adapters in one forward (adapter_names), so with adapters
+            # loaded, requests of every adapter share a batch; LoRA deltas are applied per row.
+            key = (p.greedy, p.temperature, p.top_p, p.stop, p.seed, solo)
             groups.setdefault(key, []).append(i)
         for idx in groups.values():
             params = requests[idx[0]].params
@@ -238,10 +243,13 @@ class HFEngine:
             max_news = [self._max_new(len(x), requests[i].params) for x, i in zip(ids, idx, strict=True)]
             batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
             width = batch["input_ids"].shape[1]
-            with self._lock, torch.inference_mode(), self._adapter(requests[idx[0]].adapter):
+            kwargs = self._generate_kwargs(params, max(max_news))
+            if self.adapters:
+                kwargs["adapter_names"] = [requests[i].adapter or BASE_ADAPTER for i in idx]
+            with self._lock, torch.inference_mode():
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
-                out = self.model.generate(**batch, **self._generate_kwargs(params, max(max_news)))
+                out = self.model.generate(**batch, **kwargs)
             for row, i in enumerate(idx):
                 # Per-row cap: greedy and causal, so a shorter cap is exactly a prefix of the longer run.
                 new_ids = out[row, width:].tolist()[: max_news[row]]
