@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,23 +27,23 @@ NAMES = ["anna", "ben", "carl", "dora", "emil", "fay", "gus", "hana", "ivan", "j
 WARDS = ["red", "blue", "green", "gold", "pink", "gray", "teal", "lime"]
 
 
-def example(rng: random.Random, one_answer: bool) -> FusionExample:
-    names = rng.sample(NAMES, 3)
-    wards = rng.sample(WARDS, 3)
+def example(rng: random.Random, one_answer: bool, facts: int = 3) -> FusionExample:
+    names = rng.sample(NAMES, facts)
+    wards = rng.sample(WARDS, facts)
     codes = [str(rng.randint(10, 99)) for _ in wards]
-    who = rng.randrange(3)
+    who = rng.randrange(facts)
     a1 = " ".join(f"{n} is in {w} ward." for n, w in zip(names, wards, strict=True))
-    order = rng.sample(range(3), 3)  # the second answer lists wards in another order
+    order = rng.sample(range(facts), facts)  # the second answer lists wards in another order
     a2 = " ".join(f"{wards[i]} ward code {codes[i]}." for i in order)
     answers = [Answer("medical", a1)] if one_answer else [Answer("medical", a1), Answer("code", a2)]
     return FusionExample(SynthesisRequest(f"door code for {names[who]}?", answers), codes[who])
 
 
-def run_arm(arm: str, train_n: int, test_n: int, epochs: int, seed: int) -> dict:
+def run_arm(arm: str, train_n: int, test_n: int, epochs: int, seed: int, facts: int, lr: float) -> dict:
     rng = random.Random(seed)
     one = arm == "one answer"
-    train = [example(rng, one) for _ in range(train_n)]
-    test = [example(random.Random(10_000 + i), one) for i in range(test_n)]
+    train = [example(rng, one, facts) for _ in range(train_n)]
+    test = [example(random.Random(10_000 + i), one, facts) for i in range(test_n)]
     torch.manual_seed(seed)
     tok = t5_tokenizer(0)
     t5 = tiny_t5(tok, d_model=128)
@@ -56,7 +54,7 @@ def run_arm(arm: str, train_n: int, test_n: int, epochs: int, seed: int) -> dict
         synth,
         train,
         test[:64],
-        FusionTrainConfig(mode=mode, epochs=epochs, lr=2e-3, batch_size=32, seed=seed),
+        FusionTrainConfig(mode=mode, epochs=epochs, lr=lr, batch_size=32, seed=seed),
         progress=False,
     )
     secs = time.perf_counter() - t0
@@ -70,7 +68,7 @@ def run_arm(arm: str, train_n: int, test_n: int, epochs: int, seed: int) -> dict
         "exact_match": hits / len(test),
         "final_val_loss": hist[-1]["val_loss"],
         "train_s": secs,
-        "merger_gate_mean": float(synth.merger.gate.abs().mean()),
+        "merger_gate_mean": float(synth.merger.gate.detach().abs().mean()),
     }
 
 
@@ -102,19 +100,26 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--facts", type=int, default=3, help="patients (and wards) per example")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--skip-timing", action="store_true")
     args = ap.parse_args()
     rows = [
-        run_arm(arm, args.train, args.test, args.epochs, args.seed)
+        run_arm(arm, args.train, args.test, args.epochs, args.seed, args.facts, args.lr)
         for arm in ("one answer", "FiD, no merger", "FiD + merger")
     ]
-    print_table(f"two-hop fusion task: exact match on {args.test} held-out examples (chance ~ 1/90)", rows)
-    timing = [time_merger(K) for K in (2, 4, 8)]
-    print_table("merger forward, L=256 per answer, D=1024, 16 heads, CPU (plain SDPA: one call, same tokens)", timing)
-    with tempfile.TemporaryDirectory():
-        pass
-    print("saved", save("fusion", rows + timing, **vars(args)))
+    print_table(
+        f"two-hop fusion task, {args.facts} facts per answer: exact match on {args.test} held-out examples "
+        "(chance ~ 1/90)",
+        rows,
+    )
+    timing = [] if args.skip_timing else [time_merger(K) for K in (2, 4, 8)]
+    if timing:
+        print_table(
+            "merger forward, L=256 per answer, D=1024, 16 heads, CPU (plain SDPA: one call, same tokens)", timing
+        )
+    print("saved", save(f"fusion_facts{args.facts}", rows + timing, **vars(args)))
 
 
 if __name__ == "__main__":
-    Path(__file__)
     main()

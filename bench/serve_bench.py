@@ -58,10 +58,16 @@ async def load(url: str, payload: dict, concurrency: int, total: int) -> dict:
     }
 
 
-async def alone(url: str, payload: dict, n: int) -> float:
+async def alone(url: str, payload: dict, n: int) -> tuple[float, dict[str, float]]:
+    """p50 client latency and the p50 of each server-side timing the response reports."""
     async with httpx.AsyncClient(timeout=120) as client:
         await one(client, url, payload)  # warm-up
-        return percentile([(await one(client, url, payload))[0] for _ in range(n)], 50)
+        runs = [await one(client, url, payload) for _ in range(n)]
+    timings: dict[str, list[float]] = {}
+    for _, body in runs:
+        for k, v in body["routing"]["timings_ms"].items():
+            timings.setdefault(k, []).append(v)
+    return percentile([dt for dt, _ in runs], 50), {k: percentile(v, 50) for k, v in timings.items()}
 
 
 def in_process(zoo: Path, prompts: list[tuple[str, str]], max_tokens: int, n: int) -> dict[str, float]:
@@ -72,8 +78,9 @@ def in_process(zoo: Path, prompts: list[tuple[str, str]], max_tokens: int, n: in
 
     args = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
     for s in args["specialists"]:
-        s["model"] = str(zoo / s["name"])
-    args["merger"]["model"] = str(zoo / "t5")
+        s["model"] = s["model"].replace(".zoo", str(zoo))
+        s["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in s.get("adapters", {}).items()}
+    args["merger"]["model"] = args["merger"]["model"].replace(".zoo", str(zoo))
     pipe = MultiSpecializedLanguageModelPipeline(args)
     out = {}
     for name, prompt in prompts:
@@ -106,16 +113,31 @@ def main() -> None:
     print_table(f"tiny service at {args.url}, max_tokens={args.max_tokens}, greedy", rows)
 
     n = 15
-    med = asyncio.run(alone(args.url, body(TWO, "medical", args.max_tokens), n))
-    code = asyncio.run(alone(args.url, body(TWO, "code", args.max_tokens), n))
-    two = asyncio.run(alone(args.url, body(TWO, "auto", args.max_tokens), n))
-    single = asyncio.run(alone(args.url, body(SINGLE, "auto", args.max_tokens), n))
+    med, med_t = asyncio.run(alone(args.url, body(TWO, "medical", args.max_tokens), n))
+    code, code_t = asyncio.run(alone(args.url, body(TWO, "code", args.max_tokens), n))
+    two, two_t = asyncio.run(alone(args.url, body(TWO, "auto", args.max_tokens), n))
+    single, _ = asyncio.run(alone(args.url, body(SINGLE, "auto", args.max_tokens), n))
     local = in_process(Path(args.zoo), [("single", SINGLE), ("two", TWO)], args.max_tokens, n)
     fan = [
         {"measure": "medical alone, p50 ms", "value": med * 1000},
         {"measure": "code alone, p50 ms", "value": code * 1000},
         {"measure": "two-route (both + merger), p50 ms", "value": two * 1000},
-        {"measure": "fan-out ratio: two-route / slower single", "value": two / max(med, code)},
+        {
+            "measure": "fan-out ratio: two-route / slower single (client-side, merger included)",
+            "value": two / max(med, code),
+        },
+        {
+            "measure": "server: medical alone / code alone, p50 ms",
+            "value": f"{med_t.get('medical', 0):.1f} / {code_t.get('code', 0):.1f}",
+        },
+        {
+            "measure": "server: two-route fan-out wall / merge, p50 ms",
+            "value": f"{two_t.get('fan_out', 0):.1f} / {two_t.get('merge', 0):.1f}",
+        },
+        {
+            "measure": "fan-out ratio: fan-out wall / slower specialist alone (server-side)",
+            "value": two_t.get("fan_out", 0) / max(med_t.get("medical", 1e-9), code_t.get("code", 1e-9)),
+        },
         {"measure": "single-route served p50 ms", "value": single * 1000},
         {"measure": "single-route in-process p50 ms", "value": local["single"] * 1000},
         {"measure": "graph overhead, single-route ms", "value": (single - local["single"]) * 1000},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -141,8 +142,9 @@ class Council:
             pinned=decision.pinned,
         )
 
-    async def _call(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, name: str, payload: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         timeout = self.config.specialist(name).timeout_s
+        t0 = time.perf_counter()
         try:
             return await asyncio.wait_for(self.specialists.generate(name, {**payload, "specialist": name}), timeout)
         except asyncio.TimeoutError:
@@ -150,11 +152,15 @@ class Council:
         except Exception as err:  # a dead replica, a crashed engine: degrade, never fail the request
             logger.warning("specialist %s failed: %r", name, err)
             return {"error": {"kind": "engine", "message": describe_failure(err)}}
+        finally:
+            timings[name] = round((time.perf_counter() - t0) * 1000, 2)
 
     async def fan_out(self, decision: RoutingDecision, payload: dict[str, Any]) -> tuple[dict[str, dict], Routing]:
         """Call every chosen specialist in parallel; split answers from failures."""
         routing = self._routing(decision)
-        results = await asyncio.gather(*(self._call(n, payload) for n in decision.specialists))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(self._call(n, payload, routing.timings_ms) for n in decision.specialists))
+        routing.timings_ms["fan_out"] = round((time.perf_counter() - t0) * 1000, 2)
         answers: dict[str, dict] = {}
         client_errors = []
         for name, res in zip(decision.specialists, results, strict=True):
@@ -200,6 +206,7 @@ class Council:
         return CouncilAnswer(merged["text"], routing, prompt_tokens, spec_tokens + merged["completion_tokens"])
 
     async def _merge(self, merge_payload: dict[str, Any], routing: Routing, answers: dict[str, dict]) -> dict:
+        t0 = time.perf_counter()
         try:
             return await asyncio.wait_for(self.merger.synthesize(merge_payload), self.config.merger.timeout_s)
         except Exception as err:
@@ -208,6 +215,8 @@ class Council:
             routing.failed["merger"] = describe_failure(err)
             best = max(answers, key=lambda n: routing.scores.get(n, 0.0))
             return {"text": answers[best]["text"], "completion_tokens": 0}
+        finally:
+            routing.timings_ms["merge"] = round((time.perf_counter() - t0) * 1000, 2)
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
         """One specialist: its tokens straight through. Several: fan out, then stream the merger."""

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, StreamEvent
@@ -76,6 +77,16 @@ def _validation_message(err: ValidationError | RequestValidationError) -> tuple[
 
 
 app = FastAPI(title="Consilium", description="A council of specialist language models, OpenAI-compatible.")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths and wrong methods get the OpenAI error shape too, not FastAPI's {"detail": ...}.
+    return error_response(
+        err.status_code,
+        f"{request.method} {request.url.path}: {err.detail}",
+        code="not_found" if err.status_code == 404 else None,
+    )
 
 
 @app.exception_handler(RequestValidationError)

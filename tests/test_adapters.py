@@ -127,7 +127,7 @@ def test_cli_reports_bad_target(zoo: Path, tmp_path: Path, capsys: pytest.Captur
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    with pytest.raises(SystemExit, match="qkv_proj.*match no Linear layer"):
+    with pytest.raises(SystemExit, match=r"qkv_proj.*match no Linear layer"):
         main(
             [
                 "adapter",

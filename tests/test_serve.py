@@ -329,3 +329,10 @@ def test_pipeline_routes_like_the_served_graph(served: str, zoo: Path) -> None:
         pipe.clear_resources()  # idempotent
     with pytest.raises(RuntimeError, match="cleared"):
         pipe.generate_response("hi")
+
+
+def test_unknown_path_and_method_are_openai_errors(served: str) -> None:
+    r = httpx.get(f"{served}/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{served}/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()

@@ -12,6 +12,7 @@ import enum
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -158,7 +159,7 @@ class RequestOutput:
 class FakeAsyncLLM:
     """Emits max_tokens words "w<lora id>_<i>" one step at a time, honouring output_kind."""
 
-    instances: list[FakeAsyncLLM] = []
+    instances: ClassVar[list[FakeAsyncLLM]] = []
 
     def __init__(self, args: dict) -> None:
         self.args, self.calls, self.aborted = args, [], []
