@@ -218,23 +218,16 @@ class Council:
         finally:
             routing.timings_ms["merge"] = round((time.perf_counter() - t0) * 1000, 2)
 
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
-        """One specialist: its tokens straight through. Several: fan out, then stream the merger."""
-        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
-        if len(decision.specialists) == 1:
-            name = decision.specialists[0]
-            routing = self._routing(decision)
-            first = True
+    async def _stream_one(self, decision: RoutingDecision, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
+        """Relay one specialist's stream; a failure before any text is a status code, after it an in-band end."""
+        name = decision.specialists[0]
+        routing = self._routing(decision)
+        sent = False
+        try:
             async for item in self.specialists.stream(name, {**payload, "specialist": name}):
                 if "error" in item:
-                    if first:  # nothing was sent yet: a proper error status is still possible
-                        status = 400 if item["error"]["kind"] == "invalid_request" else 503
-                        routing.failed[name] = item["error"]["message"]
-                        raise CouncilError(status, item["error"]["message"], routing=routing)
-                    routing.failed[name] = item["error"]["message"]
-                    yield StreamEvent(done=True, routing=routing, finish_reason="error")
-                    return
-                first = False
+                    kind, message = item["error"]["kind"], item["error"]["message"]
+                    break
                 if item.get("finish_reason"):
                     routing.used = [name]
                     if item.get("text"):
@@ -247,7 +240,32 @@ class Council:
                         finish_reason=item["finish_reason"],
                     )
                     return
+                sent = sent or bool(item["text"])
                 yield StreamEvent(text=item["text"])
+            else:
+                kind, message = "engine", "the stream ended without a finish reason"
+        except Exception as err:  # a dead replica: degrade to a clear error, never a 500
+            logger.warning("specialist %s stream failed: %r", name, err)
+            kind, message = "engine", describe_failure(err)
+        routing.failed[name] = f"{kind}: {message}"
+        if not sent:
+            if kind == "invalid_request":
+                raise CouncilError(400, message, routing=routing)
+            raise CouncilError(
+                503,
+                f"specialist {name!r} failed: {message}",
+                type_="service_unavailable",
+                code="specialists_unavailable",
+                routing=routing,
+            )
+        yield StreamEvent(done=True, routing=routing, finish_reason="error")
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
+        """One specialist: its tokens straight through. Several: fan out, then stream the merger."""
+        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        if len(decision.specialists) == 1:
+            async for event in self._stream_one(decision, payload):
+                yield event
             return
         answers, routing = await self.fan_out(decision, payload)
         prompt_tokens = sum(a["prompt_tokens"] for a in answers.values())

@@ -240,7 +240,10 @@ class RouterIngress:
     async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any) -> Any:
         events = self.council.stream(payload)
         # Pull the first event before answering, so routing and specialist errors still get a status code.
-        first = await events.__anext__()
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            return error_response(503, "no answer was produced", type_="service_unavailable")
         cid, created, model = new_id("chatcmpl" if chat else "cmpl"), now(), payload["model"]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

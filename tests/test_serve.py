@@ -336,3 +336,11 @@ def test_unknown_path_and_method_are_openai_errors(served: str) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(f"{served}/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_streaming_from_a_dead_specialist_is_503(served: str) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "general", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    r = httpx.post(f"{served}/faults/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 503
+    assert "exploded" in r.json()["error"]["message"]
