@@ -41,6 +41,15 @@ def _unit_float(lo: float, hi: float, lo_open: bool = False) -> Callable[[str], 
     return parse
 
 
+def _name_eq_dir(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    if not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"adapter directory {path!r} does not exist")
+    return name, path
+
+
 def _existing_path(value: str) -> Path:
     p = Path(value)
     if not p.exists():
@@ -70,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deployments.engines.base import EngineInputError, GenerationRequest, SamplingParams
     from deployments.engines.hf import HFEngine
 
-    adapters = dict(a.split("=", 1) for a in args.adapter_dir or [])
+    adapters = dict(args.adapter_dir or [])
     engine = HFEngine(EngineConfig(model=str(args.model), quantization=args.quantization, adapters=adapters))
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
@@ -146,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", type=_existing_path, required=True, help="checkpoint directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none")
-    gen.add_argument("--adapter-dir", action="append", metavar="NAME=DIR", help="load a LoRA adapter")
+    gen.add_argument(
+        "--adapter-dir", action="append", type=_name_eq_dir, metavar="NAME=DIR", help="load a LoRA adapter"
+    )
     gen.add_argument("--adapter", help="adapter name to use for this prompt")
     gen.add_argument("--temperature", type=_unit_float(0, 2), default=0.7)
     gen.add_argument("--top-p", type=_unit_float(0, 1, lo_open=True), default=0.9)

@@ -58,7 +58,7 @@ def test_dead_merger_degrades_to_best_answer(pipe) -> None:
 def test_bad_config_is_a_config_error(zoo: Path) -> None:
     cfg = tiny_graph_config(zoo)
     cfg["router"]["fallback"] = "dentist"
-    with pytest.raises(ConfigError, match="router.fallback 'dentist'"):
+    with pytest.raises(ConfigError, match=r"router\.fallback 'dentist'"):
         MultiSpecializedLanguageModelPipeline(cfg)
 
 

@@ -213,16 +213,16 @@ class HFEngine:
     # ---- blocking core ----------------------------------------------------------------------------
 
     def _finish(self, new_ids: list[int], prompt_len: int, max_new: int, params: SamplingParams) -> GenerationResult:
+        """Cut at the first EOS/pad and at the first stop string; count what was generated."""
         stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        n = next((i + 1 for i, t in enumerate(new_ids) if t in stop_ids), len(new_ids))
-        hit_eos = n <= len(new_ids) and n > 0 and new_ids[n - 1] in stop_ids
-        text = self.tokenizer.decode(new_ids[:n], skip_special_tokens=True)
-        text, hit_stop = truncate_at_stop(text, params.stop)
-        finish = "stop" if (hit_eos or hit_stop or n < max_new) else "length"
-        return GenerationResult(text=text, prompt_tokens=prompt_len, completion_tokens=n, finish_reason=finish)
+        end = next((i for i, t in enumerate(new_ids) if t in stop_ids), None)
+        kept = new_ids if end is None else new_ids[: end + 1]
+        text, hit_stop = truncate_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), params.stop)
+        finish = "stop" if (end is not None or hit_stop or len(kept) < max_new) else "length"
+        return GenerationResult(text=text, prompt_tokens=prompt_len, completion_tokens=len(kept), finish_reason=finish)
 
     def generate_batch_sync(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate many requests: grouped by adapter and sampling settings, each group one left-padded batch."""
+        """Generate many requests: one left-padded batch per sampling setting, adapters mixed within it."""
         rendered = []
         for r in requests:
             self._check_adapter(r.adapter)
