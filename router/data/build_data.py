@@ -416,6 +416,21 @@ T = {
         "{drug} dosage for {condition}",
         "treatment {condition}",
         "{test} for {condition}",
+        "My GP thinks it might be {condition}. What questions should I ask at the appointment?",
+        "Is {symptom} contagious?",
+        "I'm a nurse: how do I explain {drug} timing to a patient with {condition}?",
+        "When should {who} go to the ER for {symptom}?",
+        "Rank the first-line treatments for {condition} by evidence.",
+        "What does a normal recovery from {condition} look like week by week?",
+        "Could {drug} be the reason for my {symptom}?",
+        "Pros and cons of {drug} for {who}.",
+        "What should I eat after a {test}?",
+        "Describe the pathophysiology of {condition} for a medical student.",
+        "Does {condition} run in families?",
+        "Tips for caring for {who} who has {condition}.",
+        "Write a short patient leaflet on {drug}.",
+        "How accurate is {test} at detecting {condition}?",
+        "Can exercise help with {condition} or make it worse?",
     ],
     "code": [
         "How do I {task} in {lang}?",
@@ -483,6 +498,21 @@ T = {
         "{tool} {tool} setup",
         "{lang} {tool} config",
         "how {task}",
+        "Why does this loop never end?\n{snippet}",
+        "Write a benchmark in {lang} comparing two ways to {task}.",
+        "What does {error} mean and what usually causes it?",
+        "Port my {tool} setup from {lang} to {lang}.",
+        "Give me a code review checklist for {lang}.",
+        "Which data structure should I use to {task}?",
+        "Show the {tool} config that fixes {error}.",
+        "Make this function async:\n{snippet}",
+        "How do I profile {lang} code that tries to {task}?",
+        "Explain dependency injection using {tool} as an example.",
+        "Write the SQL schema and a query to {task}.",
+        "My tests pass locally but fail in {tool} with {error}.",
+        "Implement {task} without recursion in {lang}.",
+        "What is idiomatic error handling in {lang}?",
+        "Document this function:\n{snippet}",
     ],
     "general": [
         "Tell me about {topic}.",
@@ -550,6 +580,21 @@ T = {
         "{food} with {food}",
         "{topic} facts",
         "best time {place}",
+        "Give me a reading list to understand {topic}.",
+        "What would a day in {place} look like for a family with kids?",
+        "Suggest a playlist for a road trip to {place}.",
+        "Help me plan a dinner party menu around {food}.",
+        "Write a children's bedtime story about {topic}.",
+        "Summarize the plot of a famous novel set in {place}.",
+        "What are common myths about {topic}?",
+        "Convince me to {hobby}.",
+        "How do people celebrate New Year in {place}?",
+        "Is {food} hard to make for a beginner?",
+        "What are the best documentaries about {topic}?",
+        "Write {thing} in a formal tone.",
+        "Explain the economics of {topic} to a teenager.",
+        "What are cheap ways to {hobby}?",
+        "Describe a perfect autumn weekend in {place}.",
     ],
 }
 
@@ -579,6 +624,24 @@ MULTI = {
         "{tool} pipeline for {record}",
         "{error} when loading {record}",
         "{drug} dose calculator {lang}",
+        "Write a {lang} function that computes the right {drug} dose for {who} with {condition}.",
+        "My hospital app crashes with {error} when a nurse enters {symptom} for a patient.",
+        "Create a {tool} dashboard of {test} results for patients with {condition}.",
+        "How do I validate {record} in {lang} so that impossible {test} values are rejected?",
+        "Write a {lang} class that models a patient with {condition} and their {drug} prescriptions.",
+        "Query {record} with SQL to list patients on {drug} whose {test} is abnormal.",
+        "Build a symptom checker in {lang}: input {symptom}, output possible conditions like {condition}.",
+        "Parse free-text notes in {record} with {lang} and extract mentions of {symptom}.",
+        "Unit-test the code that warns clinicians when {drug} is prescribed to {who}.",
+        "Optimize my {lang} script that scans {record} for {condition} diagnoses; it is too slow:\n{snippet}",
+        "Design a REST API in {tool} for ordering {test} and returning results to the doctor.",
+        "Write a {lang} job that emails a reminder to patients with {condition} to refill {drug}.",
+        "Use {lang} to compute the prevalence of {condition} from {record}.",
+        "How would you store {symptom} reports from a mobile app in {tool} with patient privacy?",
+        "Convert {record} to FHIR with a {lang} script and keep the {test} units right.",
+        "Fix this code that calculates BMI and flags {condition} risk:\n{snippet}",
+        "A machine learning model in {lang} to predict {condition} from {test} values: where do I start?",
+        "Write a regex in {lang} to find {drug} doses in {record}.",
     ],
 }
 
@@ -626,12 +689,12 @@ def build(seed: int = 13) -> dict[str, list[dict]]:
     heldout: list[dict] = []
     train_slots = set(range(HELDOUT_EVERY)) - {VAL_SLOT, HELDOUT_EVERY - 1}
     for domain, templates in T.items():
-        train += _make(templates, [domain], 450, train_slots, rng)
-        val += _make(templates, [domain], 80, {VAL_SLOT}, rng)
+        train += _make(templates, [domain], 600, train_slots, rng)
+        val += _make(templates, [domain], 100, {VAL_SLOT}, rng)
         heldout += _make(templates, [domain], 150, {HELDOUT_EVERY - 1}, rng)
     for labels, templates in MULTI.items():
-        train += _make(templates, list(labels), 240, train_slots, rng)
-        val += _make(templates, list(labels), 30, {VAL_SLOT}, rng)
+        train += _make(templates, list(labels), 320, train_slots, rng)
+        val += _make(templates, list(labels), 40, {VAL_SLOT}, rng)
         heldout += _make(templates, list(labels), 60, {HELDOUT_EVERY - 1}, rng)
     for rows in (train, val, heldout):
         rng.shuffle(rows)
