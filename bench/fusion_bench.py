@@ -11,6 +11,7 @@ Arms (same tiny T5 from scratch, same steps, same seed): one answer only; FiD wi
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 
@@ -123,10 +124,10 @@ def main() -> None:
         print_table("merger forward, L=256 per answer, D=1024, 16 heads, CPU", timing)
         print("saved", save("fusion_timing", timing))
         return
-    rows = [
-        run_arm(arm, args.train, args.test, args.epochs, args.seed, args.facts, args.lr)
-        for arm in ("one answer", "FiD, no merger", "FiD + merger")
-    ]
+    rows = []
+    for arm in ("one answer", "FiD, no merger", "FiD + merger"):
+        rows.append(run_arm(arm, args.train, args.test, args.epochs, args.seed, args.facts, args.lr))
+        print("arm done:", json.dumps(rows[-1]), flush=True)  # a long run keeps what it finished
     print_table(
         f"two-hop fusion task, {args.facts} facts per answer: exact match on {args.test} held-out examples "
         "(chance ~ 1/90)",
