@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -85,9 +84,7 @@ def test_huge_prompt_uses_bounded_prefix(shipped: TinyAda) -> None:
     huge = "def f(x): return x\n" * 60_000  # ~1 MB
     assert len(huge) > 1_000_000
     assert len(featurize(huge, shipped.config.hashing)) == len(featurize(huge[:5000], shipped.config.hashing))
-    t0 = time.perf_counter()
-    scores = shipped.score(huge)
-    assert time.perf_counter() - t0 < 1.0  # bounded work; the real latency numbers live in bench/
+    scores = shipped.score(huge)  # its latency is measured in bench/router_bench.py, not here
     assert max(scores, key=scores.get) == "code"
 
 
