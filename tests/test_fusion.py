@@ -228,3 +228,50 @@ def test_bad_fusion_data_names_line(tmp_path: Path) -> None:
 def _write(p: Path, row: dict) -> Path:
     p.write_text(json.dumps(row) + "\n")
     return p
+
+
+def test_fusion_cli_trains_and_merger_service_loads_by_path(zoo: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from deployments.cli import main
+    from deployments.config import MergerConfig as MergerDeploymentConfig
+    from deployments.merger import MergerService
+
+    rows = [
+        {
+            "query": f"q{i}",
+            "answers": [{"domain": "medical", "text": f"alpha {i}"}, {"domain": "code", "text": f"beta {i}"}],
+            "target": f"alpha {i} beta",
+        }
+        for i in range(8)
+    ]
+    data = tmp_path / "f.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "merger"
+    assert (
+        main(
+            [
+                "fusion",
+                "train",
+                "--model",
+                str(zoo / "t5"),
+                "--data",
+                str(data),
+                "--val",
+                str(data),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-2",
+            ]
+        )
+        == 0
+    )
+    trained = AdvancedCrossAttentionMerger.load(out)
+    assert trained.gate.abs().sum() > 0
+    service = MergerService(MergerDeploymentConfig(model=str(zoo / "t5"), merger_weights=str(out), max_new_tokens=4))
+    assert torch.equal(service.synth.merger.gate, trained.gate)
+    result = asyncio.run(service.synthesize({"query": "q1", "answers": rows[1]["answers"], "max_tokens": 4}))
+    assert result["completion_tokens"] >= 1
