@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import AsyncIterator
@@ -80,7 +81,8 @@ class SpecialistGroup:
             request = self.to_request(payload)
             render = getattr(self.engine, "render", None)
             if render is not None:
-                render(request)  # tokenise now: a too-long prompt must not fail a whole batch later
+                # Tokenise now, once: a too-long prompt must not fail a whole batch later.
+                request = dataclasses.replace(request, prompt_ids=tuple(render(request)))
             return request
         except (EngineInputError, ValueError) as err:
             return error_result("invalid_request", str(err))

@@ -46,6 +46,7 @@ class GenerationRequest:
     messages: tuple[dict[str, str], ...] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # None: the base model without any adapter
+    prompt_ids: tuple[int, ...] | None = None  # already rendered by the serving engine (tokenise once)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

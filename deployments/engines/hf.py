@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -76,6 +75,8 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, max_prompt_tokens: int) -> list[int]:
     """Prompt token ids, shared by every engine: chat template for messages, raw text for completions."""
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
     if request.messages is not None:
         text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -155,7 +156,7 @@ class HFEngine:
         model_ctx = getattr(self._base_config(), "max_position_embeddings", None) or 1 << 30
         self.context_length = int(model_ctx)
         self.max_prompt_tokens = min(config.max_prompt_tokens, self.context_length - 1)
-        # peft's active adapter is global state on the model: one generate at a time.
+        # One generate at a time per model: throughput comes from batching, not threads.
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         logger.info(
@@ -185,18 +186,9 @@ class HFEngine:
         if adapter is not None and adapter not in self.adapters:
             raise EngineInputError(f"unknown adapter {adapter!r}; this model has {sorted(self.adapters)}")
 
-    @contextlib.contextmanager
-    def _adapter(self, adapter: str | None) -> Iterator[None]:
-        if not self.adapters:
-            yield
-        elif adapter is None:
-            with self.model.disable_adapter():
-                yield
-        else:
-            self.model.set_adapter(adapter)
-            yield
-
-    def _generate_kwargs(self, params: SamplingParams, max_new: int) -> dict[str, Any]:
+    def _generate_kwargs(
+        self, params: SamplingParams, max_new: int, adapters: Sequence[str | None] = ()
+    ) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "max_new_tokens": max_new,
             "pad_token_id": self.tokenizer.pad_token_id,
@@ -208,6 +200,9 @@ class HFEngine:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if self.adapters:
+            # peft picks each row's adapter itself, so no global "active adapter" state is touched.
+            kw["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
         return kw
 
     # ---- blocking core ----------------------------------------------------------------------------
@@ -243,9 +238,7 @@ class HFEngine:
             max_news = [self._max_new(len(x), requests[i].params) for x, i in zip(ids, idx, strict=True)]
             batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
             width = batch["input_ids"].shape[1]
-            kwargs = self._generate_kwargs(params, max(max_news))
-            if self.adapters:
-                kwargs["adapter_names"] = [requests[i].adapter or BASE_ADAPTER for i in idx]
+            kwargs = self._generate_kwargs(params, max(max_news), [requests[i].adapter for i in idx])
             with self._lock, torch.inference_mode():
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
@@ -267,11 +260,11 @@ class HFEngine:
         cancel: threading.Event,
     ) -> int:
         max_new = self._max_new(len(ids), request.params)
-        kw = self._generate_kwargs(request.params, max_new)
+        kw = self._generate_kwargs(request.params, max_new, [request.adapter])
         kw["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         kw["streamer"] = _TokenStreamer(on_token)
         input_ids = torch.tensor([ids], device=self.device)
-        with self._lock, torch.inference_mode(), self._adapter(request.adapter):
+        with self._lock, torch.inference_mode():
             if request.params.seed is not None:
                 torch.manual_seed(request.params.seed)
             self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
