@@ -9,9 +9,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-# Each subcommand module registers itself here; imports stay inside handlers (nothing heavy at import).
-Handler = Callable[[argparse.Namespace], int]
-
 
 class CLIError(Exception):
     """A user mistake on the command line: printed as one line, exit status 2."""
@@ -175,16 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("config", type=_existing_path, help="Serve config file, e.g. configs/tiny.yaml")
     srv.set_defaults(func=cmd_serve)
 
-    for register in _extensions():
+    # Subcommands owned by the other parts; their modules import nothing heavy at module level.
+    from deployments.adapters_cli import register as register_adapter
+    from fusion.cli import register as register_fusion
+    from router.cli import register as register_router
+
+    for register in (register_router, register_fusion, register_adapter):
         register(sub)
     return parser
-
-
-def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands owned by other packages (router, fusion, adapters, serve)."""
-    from deployments import cli_ext
-
-    return cli_ext.REGISTRARS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,6 +95,11 @@ def describe_failure(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text}"[:300]
 
 
+def _usage(answers: dict[str, dict]) -> tuple[int, int]:
+    """Prompt and completion tokens summed over the specialists that answered."""
+    return (sum(a["prompt_tokens"] for a in answers.values()), sum(a["completion_tokens"] for a in answers.values()))
+
+
 def routing_text(payload: dict[str, Any]) -> str:
     """What the router reads: the last user message of a chat, or the completion prompt."""
     if payload.get("messages"):
@@ -196,8 +201,7 @@ class Council:
     async def answer(self, payload: dict[str, Any]) -> CouncilAnswer:
         decision = self.decide(payload.get("model", "auto"), routing_text(payload))
         answers, routing = await self.fan_out(decision, payload)
-        prompt_tokens = sum(a["prompt_tokens"] for a in answers.values())
-        spec_tokens = sum(a["completion_tokens"] for a in answers.values())
+        prompt_tokens, spec_tokens = _usage(answers)
         if len(answers) == 1:
             (only,) = answers.values()
             return CouncilAnswer(only["text"], routing, prompt_tokens, spec_tokens, only["finish_reason"])
@@ -268,8 +272,7 @@ class Council:
                 yield event
             return
         answers, routing = await self.fan_out(decision, payload)
-        prompt_tokens = sum(a["prompt_tokens"] for a in answers.values())
-        spec_tokens = sum(a["completion_tokens"] for a in answers.values())
+        prompt_tokens, spec_tokens = _usage(answers)
         if len(answers) == 1:
             (only,) = answers.values()
             yield StreamEvent(text=only["text"])

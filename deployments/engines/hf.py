@@ -153,7 +153,7 @@ class HFEngine:
         self.tokenizer = load_tokenizer(config)
         self.model = load_causal_lm(config, self.device, self.dtype)
         self.adapters = frozenset(config.adapters)
-        model_ctx = getattr(self._base_config(), "max_position_embeddings", None) or 1 << 30
+        model_ctx = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.context_length = int(model_ctx)
         self.max_prompt_tokens = min(config.max_prompt_tokens, self.context_length - 1)
         # One generate at a time per model: throughput comes from batching, not threads.
@@ -168,9 +168,6 @@ class HFEngine:
             sorted(self.adapters),
             time.perf_counter() - t0,
         )
-
-    def _base_config(self) -> Any:
-        return self.model.config
 
     # ---- prompt rendering -------------------------------------------------------------------------
 

@@ -50,7 +50,6 @@ def engine_args_kwargs(config: EngineConfig) -> dict[str, Any]:
         "tokenizer": config.model,
         "dtype": _DTYPE[config.dtype],
         "trust_remote_code": config.trust_remote_code,
-        "max_model_len": None,
     }
     quant = _QUANTIZATION[config.quantization]
     if quant is not None:
@@ -63,8 +62,6 @@ def engine_args_kwargs(config: EngineConfig) -> dict[str, Any]:
         need = max(ranks, default=16)
         kw["max_lora_rank"] = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= need)
     kw.update(config.engine_kwargs)
-    if kw.get("max_model_len") is None:
-        kw.pop("max_model_len")
     return kw
 
 
