@@ -38,12 +38,14 @@ def fid_passage(query: str, answer: Answer) -> str:
     return f"question: {query} expert: {answer.domain} answer: {answer.text}"
 
 
-class _TokenSink(BaseStreamer):
+class TokenSink(BaseStreamer):
+    """Passes each generated token id to a callback; the first put (prompt or decoder start) is skipped."""
+
     def __init__(self, on_token: Callable[[int], None]) -> None:
         self.on_token, self.started = on_token, False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.started:  # the first put is the decoder start token
+        if not self.started:  # generate() first puts the prompt (decoder-only) or the decoder start token
             self.started = True
             return
         for t in value.reshape(-1).tolist():
@@ -159,7 +161,7 @@ class Synthesizer:
         top_p: float = 1.0,
     ) -> str:
         """Blocking; calls on_token for each generated id as the decoder produces it."""
-        return self.generate([request], max_new_tokens, temperature, top_p, streamer=_TokenSink(on_token))[0]
+        return self.generate([request], max_new_tokens, temperature, top_p, streamer=TokenSink(on_token))[0]
 
     def loss(self, requests: Sequence[SynthesisRequest], targets: Sequence[str], max_target_tokens: int = 128):
         """Teacher-forced cross-entropy of the targets given the fused answers (for training)."""

@@ -19,7 +19,6 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
-from transformers.generation.streamers import BaseStreamer
 
 from deployments.config import EngineConfig
 from deployments.engines.base import (
@@ -33,6 +32,7 @@ from deployments.engines.base import (
     safe_stream_prefix,
     truncate_at_stop,
 )
+from fusion.synthesizer import TokenSink
 
 logger = logging.getLogger(__name__)
 
@@ -122,24 +122,6 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _TokenStreamer(BaseStreamer):
-    """Receives generated token ids one step at a time (the first put is the prompt: skipped)."""
-
-    def __init__(self, on_token: Callable[[int], None]) -> None:
-        self.on_token = on_token
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for t in value.reshape(-1).tolist():
-            self.on_token(int(t))
-
-    def end(self) -> None:
-        pass
 
 
 class HFEngine:
@@ -259,7 +241,7 @@ class HFEngine:
         max_new = self._max_new(len(ids), request.params)
         kw = self._generate_kwargs(request.params, max_new, [request.adapter])
         kw["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-        kw["streamer"] = _TokenStreamer(on_token)
+        kw["streamer"] = TokenSink(on_token)
         input_ids = torch.tensor([ids], device=self.device)
         with self._lock, torch.inference_mode():
             if request.params.seed is not None:
