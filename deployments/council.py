@@ -285,14 +285,35 @@ class Council:
             )
             return
         routing.merged = True
-        async for item in self.merger.stream(self._merge_payload(payload, answers, routing)):
-            if "completion_tokens" in item:
-                yield StreamEvent(
-                    done=True,
-                    routing=routing,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=spec_tokens + item["completion_tokens"],
-                    finish_reason="stop",
-                )
-                return
-            yield StreamEvent(text=item["text"])
+        sent = False
+        t0 = time.perf_counter()
+        try:
+            async for item in self.merger.stream(self._merge_payload(payload, answers, routing)):
+                if "completion_tokens" in item:
+                    routing.timings_ms["merge"] = round((time.perf_counter() - t0) * 1000, 2)
+                    yield StreamEvent(
+                        done=True,
+                        routing=routing,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=spec_tokens + item["completion_tokens"],
+                        finish_reason="stop",
+                    )
+                    return
+                sent = sent or bool(item["text"])
+                yield StreamEvent(text=item["text"])
+        except Exception as err:  # as in answer(): without a merger the best single answer still serves
+            logger.warning("merger stream failed: %r", err)
+            routing.failed["merger"] = describe_failure(err)
+        routing.merged = False
+        if sent:  # part of a merged answer is out: end it, and say why
+            yield StreamEvent(done=True, routing=routing, finish_reason="error")
+            return
+        best = max(answers, key=lambda n: routing.scores.get(n, 0.0))
+        yield StreamEvent(text=answers[best]["text"])
+        yield StreamEvent(
+            done=True,
+            routing=routing,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=spec_tokens,
+            finish_reason=answers[best]["finish_reason"],
+        )

@@ -73,3 +73,31 @@ def test_build_rejects_router_domains_without_specialists(zoo: Path) -> None:
     cfg["specialists"][0]["model"] = "./does/not/exist"
     with pytest.raises(ConfigError, match=r"specialists.0.model: './does/not/exist' does not exist"):
         build_app(cfg)
+
+
+def test_dead_merger_degrades_when_streaming_too(pipe) -> None:
+    import asyncio
+
+    council = pipe.council
+    real = council.merger
+    council.merger = _DeadMerger()
+    payload = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": TWO_DOMAIN}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+    }
+
+    async def collect():
+        return [e async for e in council.stream(payload)]
+
+    try:
+        events = asyncio.run(collect())
+    finally:
+        council.merger = real
+    final = events[-1]
+    assert final.done and not final.routing.merged
+    assert final.routing.failed["merger"] == "RuntimeError: injected fault: merger down"
+    best = max(final.routing.used, key=lambda n: final.routing.scores[n])
+    alone = pipe.generate(TWO_DOMAIN, max_length=8, temperature=0.0, model=best)
+    assert "".join(e.text for e in events) == alone.text
