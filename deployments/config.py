@@ -110,6 +110,9 @@ class EngineConfig(_Strict):
         4096, ge=1, le=MAX_PROMPT_TOKENS_CEILING, description="Longest prompt accepted, in tokens."
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed through to vLLM's AsyncEngineArgs.")
+    max_num_seqs: int = Field(
+        64, ge=1, le=1024, description="Most requests decoded together in one step (the engine's running batch)."
+    )
 
     @field_validator("adapters")
     @classmethod

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
 FinishReason = Literal["stop", "length"]
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+
+class LogitsProcessor(Protocol):
+    """A per-request hook run on each row's next-token logits before sampling (e.g. constrained decoding).
+
+    `token_ids_so_far` are the tokens this request has generated (not the prompt); `logits` is the
+    row's fp32 vector over the vocabulary. Return the logits to sample from (mask with -inf).
+    """
+
+    def process(self, token_ids_so_far: list[int], logits: torch.Tensor) -> torch.Tensor: ...
 
 
 class EngineInputError(ValueError):
@@ -24,8 +35,11 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: no logprobs; k >= 0: each token's logprob and its k best alternatives
 
     def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineInputError(f"top logprobs must be within [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if not 0.0 <= self.temperature <= 2.0:
             raise EngineInputError(f"temperature must be within [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -47,6 +61,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # None: the base model without any adapter
     prompt_ids: tuple[int, ...] | None = None  # already rendered by the serving engine (tokenise once)
+    logits_processor: LogitsProcessor | None = field(default=None, compare=False)  # in-process only
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -61,6 +76,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    # One entry per generated token when SamplingParams.logprobs is set (see token_logprob).
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -71,6 +88,18 @@ class StreamDelta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[dict[str, Any]] | None = None  # the tokens generated since the previous delta
+
+
+def token_logprob(token: str, token_id: int, logprob: float, top: list[dict[str, Any]] | None = None) -> dict:
+    """One generated token's log probability, JSON-able: {token, id, logprob, bytes, top_logprobs}."""
+    return {
+        "token": token,
+        "id": token_id,
+        "logprob": logprob,
+        "bytes": list(token.encode("utf-8")),
+        "top_logprobs": top or [],
+    }
 
 
 @runtime_checkable

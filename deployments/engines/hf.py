@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from deployments.config import EngineConfig
 from deployments.engines.base import (
@@ -29,10 +24,10 @@ from deployments.engines.base import (
     StreamDelta,
     resolve_device,
     resolve_dtype,
-    safe_stream_prefix,
-    truncate_at_stop,
 )
-from fusion.synthesizer import TokenSink
+from deployments.engines.detok import TextAssembler
+from deployments.engines.sampling import RowSampler, next_tokens
+from deployments.engines.scheduler import Scheduler, Sequence as Seq
 
 logger = logging.getLogger(__name__)
 
@@ -114,18 +109,110 @@ def load_causal_lm(config: EngineConfig, device: torch.device, dtype: torch.dtyp
     return model
 
 
-class _Cancelled(StoppingCriteria):
-    """Stops generation when the client went away."""
+def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every id that ends an answer: the checkpoint's generation_config (often several) and the tokenizer's eos."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+Sink = Callable[[StreamDelta | BaseException], None]
+
+
+@dataclass(eq=False)
+class _Row:
+    """What the runner keeps per request: its prompt, sampler, text assembly and where results go."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    sink: Sink
+    sampler: RowSampler
+    text: TextAssembler
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Batch:
+    """The running rows' KV cache, left-padded to one width: rows join by padding, leave by indexing."""
+
+    def __init__(self, seqs: list[Seq], cache: Any, mask: torch.Tensor, pos: torch.Tensor, last: torch.Tensor):
+        self.seqs = seqs  # row order of every tensor below
+        self.cache = cache  # DynamicCache, layers of (B, H, T, D)
+        self.mask = mask  # (B, T) 1 for real tokens, 0 for left padding
+        self.pos = pos  # (B,) position id of the next token fed
+        self.last = last  # (B,) the next token to feed (sampled last step)
+
+    def _layers(self) -> list[Any]:
+        layers = getattr(self.cache, "layers", None)
+        if layers is None or any(not hasattr(layer, "keys") for layer in layers):
+            raise RuntimeError(f"unsupported KV cache {type(self.cache).__name__}: need per-layer keys/values")
+        return layers
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep these rows (in this order), then drop left columns that are padding in every row."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.seqs = [self.seqs[i] for i in rows]
+        self.mask, self.pos, self.last = self.mask[idx], self.pos[idx], self.last[idx]
+        used = self.mask.any(dim=0).nonzero()
+        cut = int(used[0]) if len(used) else self.mask.shape[1]
+        self.mask = self.mask[:, cut:]
+        for layer in self._layers():
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[idx, :, cut:], layer.values[idx, :, cut:]
+
+    def extend(self, other: _Batch) -> None:
+        """Append other's rows, left-padding whichever side is shorter in time."""
+        t = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = t - x.shape[dim]
+            if missing == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = missing
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.seqs += other.seqs
+        self.pos = torch.cat([self.pos, other.pos])
+        self.last = torch.cat([self.last, other.last])
+
+
+@dataclass
+class EngineStats:
+    """Counters of the decoding loop; tests and benches read them to see batching and cancellation."""
+
+    steps: int = 0  # decoding steps (each runs a prefill and/or a decode forward)
+    forwards: int = 0
+    tokens: int = 0
+    prefilled_rows: int = 0
+    max_batch: int = 0  # most rows in one decode forward
+    batch_sizes: Counter = field(default_factory=Counter)  # decode rows per step -> how many steps
+    finished: int = 0
+    aborted: int = 0  # rows dropped because their request was cancelled
+    max_steps_after_cancel: int = 0  # forwards a cancelled row still took part in (0 or 1 by design)
+    errors: int = 0
+
+    def snapshot(self, running: int, waiting: int) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "batch_sizes"}
+        d["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+        return {**d, "running": running, "waiting": waiting}
 
 
 class HFEngine:
-    """Engine protocol over transformers `generate`; one generation at a time per model, batched."""
+    """Engine protocol over a transformers causal LM with iteration-level (continuous) batching.
+
+    One background thread per engine drives decoding steps; a `Scheduler` decides who runs each
+    step, rows join and leave at token boundaries, and every row keeps its own sampling, stop
+    strings, adapter (peft `adapter_names`) and token budget. Results go back through callbacks
+    that the async side turns into asyncio queues.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -138,20 +225,27 @@ class HFEngine:
         model_ctx = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.context_length = int(model_ctx)
         self.max_prompt_tokens = min(config.max_prompt_tokens, self.context_length - 1)
-        # One generate at a time per model: throughput comes from batching, not threads.
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.scheduler = Scheduler(config.max_num_seqs, max(config.max_prompt_tokens, 4096))
+        self.stats = EngineStats()
+        self._batch: _Batch | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="hf-engine", daemon=True)
+        self._thread.start()
         logger.info(
-            "loaded %s on %s (%s, quantization=%s, adapters=%s) in %.1fs",
+            "loaded %s on %s (%s, quantization=%s, adapters=%s, stop ids=%s) in %.1fs",
             config.model,
             self.device,
             self.dtype,
             config.quantization,
             sorted(self.adapters),
+            sorted(self.stop_ids),
             time.perf_counter() - t0,
         )
 
-    # ---- prompt rendering -------------------------------------------------------------------------
+    # ---- requests in --------------------------------------------------------------------------------
 
     def render(self, request: GenerationRequest) -> list[int]:
         """Token ids of the prompt: chat template for messages, raw text for completions."""
@@ -165,165 +259,273 @@ class HFEngine:
         if adapter is not None and adapter not in self.adapters:
             raise EngineInputError(f"unknown adapter {adapter!r}; this model has {sorted(self.adapters)}")
 
-    def _generate_kwargs(
-        self, params: SamplingParams, max_new: int, adapters: Sequence[str | None] = ()
-    ) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
-        }
-        if params.greedy:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    def submit(self, request: GenerationRequest, sink: Sink) -> Seq:
+        """Queue a request; `sink` receives StreamDeltas (the last has finish_reason) or one exception.
+
+        Called from any thread; the sink is called on the engine thread and must not block.
+        """
+        self._check_adapter(request.adapter)
+        ids = self.render(request)
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        row = _Row(
+            request=request,
+            prompt_ids=ids,
+            sink=sink,
+            sampler=RowSampler.create(request.params, self.device, request.logits_processor),
+            text=TextAssembler(self.tokenizer, request.params.stop),
+        )
+        seq = Seq(prompt_len=len(ids), max_new=self._max_new(len(ids), request.params), payload=row)
+        with self._cond:
+            self.scheduler.add(seq)
+            self._cond.notify()
+        return seq
+
+    def engine_stats(self) -> dict[str, Any]:
+        with self._cond:
+            return self.stats.snapshot(len(self.scheduler.running), len(self.scheduler.waiting))
+
+    # ---- the decoding loop (engine thread) ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self.scheduler.has_work:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as err:  # a failed forward fails the rows in it, never the loop
+                logger.exception("decoding step failed")
+                self.stats.errors += 1
+                self._fail_running(err)
+
+    def _fail_running(self, err: BaseException) -> None:
+        with self._cond:
+            seqs = list(self.scheduler.running)
+            for s in seqs:
+                self.scheduler.finish(s)
+        self._batch = None
+        for s in seqs:
+            s.payload.sink(err)
+
+    def _adapter_kwargs(self, seqs: list[Seq]) -> dict[str, Any]:
+        if not self.adapters:
+            return {}
+        # peft picks each row's adapter itself, so no global "active adapter" state is touched.
+        return {"adapter_names": [s.payload.request.adapter or BASE_ADAPTER for s in seqs]}
+
+    def _step(self) -> None:
+        with self._cond:
+            plan = self.scheduler.schedule()
+        self.stats.steps += 1
+        batch = self._batch
+        if plan.aborted:
+            self.stats.aborted += len(plan.aborted)
+            for s in plan.aborted:
+                self.stats.max_steps_after_cancel = max(self.stats.max_steps_after_cancel, s.steps_after_cancel)
+            if batch is not None:
+                gone = set(plan.aborted)
+                batch.keep([i for i, s in enumerate(batch.seqs) if s not in gone])
+        results: list[tuple[Seq, int, dict | None]] = []
+        if batch is not None and batch.seqs:
+            results += self._decode(batch)
+        if plan.prefill:
+            joined, sampled = self._prefill(plan.prefill)
+            results += sampled
+            if batch is None or not batch.seqs:
+                self._batch = batch = joined
+            else:
+                batch.extend(joined)
+        done = {s for s, t, lp in results if self._emit(s, t, lp)}
+        if done and batch is not None:
+            with self._cond:
+                for s in done:
+                    self.scheduler.finish(s)
+            batch.keep([i for i, s in enumerate(batch.seqs) if s not in done])
+            self.stats.finished += len(done)
+
+    def _forward(self, seqs: list[Seq], **kw: Any) -> Any:
+        for s in seqs:
+            if s.cancelled:
+                s.steps_after_cancel += 1
+        self.stats.forwards += 1
+        return self.model(use_cache=True, **kw, **self._adapter_kwargs(seqs))
+
+    def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> list[tuple[Seq, int, dict | None]]:
+        tokens, logprobs = next_tokens(logits, [s.payload.sampler for s in seqs], self._token_text)
+        self.stats.tokens += len(tokens)
+        return list(zip(seqs, tokens, logprobs, strict=True))
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _decode(self, batch: _Batch) -> list[tuple[Seq, int, dict | None]]:
+        """One token for every running row, from the cache."""
+        n = len(batch.seqs)
+        self.stats.max_batch = max(self.stats.max_batch, n)
+        self.stats.batch_sizes[n] += 1
+        mask = torch.cat([batch.mask, batch.mask.new_ones(n, 1)], dim=1)  # (B, T+1)
+        out = self._forward(
+            batch.seqs,
+            input_ids=batch.last[:, None],
+            attention_mask=mask,
+            position_ids=batch.pos[:, None],
+            past_key_values=batch.cache,
+        )
+        batch.mask, batch.cache = mask, out.past_key_values
+        batch.pos = batch.pos + 1
+        sampled = self._sample(batch.seqs, out.logits[:, -1])
+        batch.last = torch.tensor([t for _, t, _ in sampled], device=self.device)
+        return sampled
+
+    def _prefill(self, seqs: list[Seq]) -> tuple[_Batch, list[tuple[Seq, int, dict | None]]]:
+        """Run the joiners' prompts (left-padded together) and sample their first tokens."""
+        prompts = [s.payload.prompt_ids for s in seqs]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 whatever their padding
+        out = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+        self.stats.prefilled_rows += len(seqs)
+        sampled = self._sample(seqs, out.logits[:, -1])
+        last = torch.tensor([t for _, t, _ in sampled], device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        return _Batch(list(seqs), out.past_key_values, mask, lengths, last), sampled
+
+    def _emit(self, seq: Seq, token: int, logprob: dict | None) -> bool:
+        """Hand one row's new token to its request; True when the row is finished."""
+        row: _Row = seq.payload
+        seq.generated += 1
+        if logprob is not None:
+            row.pending_logprobs.append(logprob)
+        finish = None
+        if token in self.stop_ids:
+            finish, text = "stop", row.text.flush()
         else:
-            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
-        if params.stop:
-            kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        if self.adapters:
-            # peft picks each row's adapter itself, so no global "active adapter" state is touched.
-            kw["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
-        return kw
+            text = row.text.add(token)
+            if row.text.hit_stop:
+                finish = "stop"
+            elif seq.generated >= seq.max_new:
+                finish, text = "length", text + row.text.flush()
+        if finish is None and not text:
+            return False  # held back (partial character or a possible stop string): nothing to send yet
+        lps, row.pending_logprobs = (row.pending_logprobs or None), []
+        if finish is None:
+            return not self._deliver(seq, StreamDelta(text=text, logprobs=lps))
+        self._deliver(
+            seq,
+            StreamDelta(
+                text=text,
+                finish_reason=finish,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=seq.generated,
+                logprobs=lps,
+            ),
+        )
+        return True
 
-    # ---- blocking core ----------------------------------------------------------------------------
+    @staticmethod
+    def _deliver(seq: Seq, item: StreamDelta) -> bool:
+        """Pass an item to the request; a receiver that is gone (closed event loop) cancels the row."""
+        try:
+            seq.payload.sink(item)
+            return True
+        except Exception:  # the asyncio loop of a vanished caller: nobody reads this row any more
+            seq.cancel()
+            return False
 
-    def _finish(self, new_ids: list[int], prompt_len: int, max_new: int, params: SamplingParams) -> GenerationResult:
-        """Cut at the first EOS/pad and at the first stop string; count what was generated."""
-        stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        end = next((i for i, t in enumerate(new_ids) if t in stop_ids), None)
-        kept = new_ids if end is None else new_ids[: end + 1]
-        text, hit_stop = truncate_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), params.stop)
-        finish = "stop" if (end is not None or hit_stop or len(kept) < max_new) else "length"
-        return GenerationResult(text=text, prompt_tokens=prompt_len, completion_tokens=len(kept), finish_reason=finish)
+    # ---- async protocol ---------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """Yield text deltas as tokens arrive; they concatenate to what `generate` returns.
+
+        Leaving the loop early (client gone, timeout, cancellation) drops the row at the next step.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        seq = self.submit(request, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                seq.cancel()
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return collect([d async for d in self.stream(request)])
+
+    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+
+    # ---- blocking API (CLI, pipeline, tests) -------------------------------------------------------
 
     def generate_batch_sync(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate many requests: one left-padded batch per sampling setting, adapters mixed within it."""
-        rendered = []
-        for r in requests:
-            self._check_adapter(r.adapter)
-            rendered.append(self.render(r))
-        results: list[GenerationResult | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            p = r.params
-            # A seeded sampled request runs alone so its output never depends on its batch mates.
-            solo = i if (p.seed is not None and not p.greedy) else None
-            # peft runs rows with different adapters in one forward (adapter_names), so with adapters
-            # loaded, requests of every adapter share a batch; LoRA deltas are applied per row.
-            key = (p.greedy, p.temperature, p.top_p, p.stop, p.seed, solo)
-            groups.setdefault(key, []).append(i)
-        for idx in groups.values():
-            params = requests[idx[0]].params
-            ids = [rendered[i] for i in idx]
-            max_news = [self._max_new(len(x), requests[i].params) for x, i in zip(ids, idx, strict=True)]
-            batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-            width = batch["input_ids"].shape[1]
-            kwargs = self._generate_kwargs(params, max(max_news), [requests[i].adapter for i in idx])
-            with self._lock, torch.inference_mode():
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                out = self.model.generate(**batch, **kwargs)
-            for row, i in enumerate(idx):
-                # Per-row cap: greedy and causal, so a shorter cap is exactly a prefix of the longer run.
-                new_ids = out[row, width:].tolist()[: max_news[row]]
-                results[i] = self._finish(new_ids, len(ids[row]), max_news[row], requests[i].params)
-        return [r for r in results if r is not None]
+        """Submit every request at once (they share the running batch) and wait for all of them."""
+        queues: list[queue.Queue] = [queue.Queue() for _ in requests]
+        seqs = [self.submit(r, q.put) for r, q in zip(requests, queues, strict=True)]
+        results = []
+        try:
+            for q in queues:
+                deltas = []
+                while True:
+                    item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    deltas.append(item)
+                    if item.finish_reason is not None:
+                        break
+                results.append(collect(deltas))
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    s.cancel()
+        return results
 
     def generate_sync(self, request: GenerationRequest) -> GenerationResult:
         return self.generate_batch_sync([request])[0]
 
-    def _stream_worker(
-        self,
-        request: GenerationRequest,
-        ids: list[int],
-        on_token: Callable[[int], None],
-        cancel: threading.Event,
-    ) -> int:
-        max_new = self._max_new(len(ids), request.params)
-        kw = self._generate_kwargs(request.params, max_new, [request.adapter])
-        kw["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-        kw["streamer"] = TokenSink(on_token)
-        input_ids = torch.tensor([ids], device=self.device)
-        with self._lock, torch.inference_mode():
-            if request.params.seed is not None:
-                torch.manual_seed(request.params.seed)
-            self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
-        return max_new
-
-    # ---- async protocol ---------------------------------------------------------------------------
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return (await self.generate_batch([request]))[0]
-
-    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.generate_batch_sync, list(requests))
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """Yield text deltas as tokens arrive; they concatenate to what `generate` returns."""
-        self._check_adapter(request.adapter)
-        ids = self.render(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
-        cancel = threading.Event()
-        stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-
-        def on_token(t: int) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, t)
-
-        def run() -> int:
-            try:
-                return self._stream_worker(request, ids, on_token, cancel)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        future = loop.run_in_executor(self._executor, run)
-        tokens: list[int] = []
-        emitted = 0
-        finished_by_stop = False
-        try:
-            while True:
-                t = await queue.get()
-                if t is None:
-                    break
-                if finished_by_stop:
-                    continue
-                tokens.append(t)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                text, hit = truncate_at_stop(text, request.params.stop)
-                if hit or t in stop_ids:
-                    finished_by_stop = True
-                    cancel.set()
-                    if len(text) > emitted:
-                        yield StreamDelta(text=text[emitted:])
-                        emitted = len(text)
-                    continue
-                # Hold back a partial UTF-8 character and anything that may become a stop string.
-                safe = safe_stream_prefix(text.rstrip("\ufffd"), request.params.stop)
-                if safe > emitted:
-                    yield StreamDelta(text=text[emitted:safe])
-                    emitted = safe
-            max_new = await future
-            final = self._finish(tokens, len(ids), max_new, request.params)
-            if len(final.text) > emitted:
-                yield StreamDelta(text=final.text[emitted:])
-            yield StreamDelta(
-                text="",
-                finish_reason=final.finish_reason,
-                prompt_tokens=final.prompt_tokens,
-                completion_tokens=final.completion_tokens,
-            )
-        finally:
-            cancel.set()  # the consumer left (or we are done): let the worker stop early
-
     def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("model is not loaded")
+        if self.model is None or not self._thread.is_alive():
+            raise RuntimeError("model is not loaded or the decoding thread is dead")
 
     def close(self) -> None:
-        """Free the model and its memory; safe to call twice."""
+        """Stop the decoding thread, fail what is queued, free the model; safe to call twice."""
         if getattr(self, "model", None) is None:
             return
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        with self._cond:
+            left = self.scheduler.drain()
+        for s in left:
+            s.payload.sink(RuntimeError("engine closed"))
+        self._batch = None
         self.model = None
-        self._executor.shutdown(wait=False)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def collect(deltas: Sequence[StreamDelta]) -> GenerationResult:
+    """A whole result from a finished stream of deltas."""
+    last = deltas[-1]
+    logprobs = [lp for d in deltas for lp in (d.logprobs or [])]
+    return GenerationResult(
+        text="".join(d.text for d in deltas),
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        finish_reason=last.finish_reason or "stop",
+        logprobs=logprobs or None,
+    )
