@@ -58,8 +58,6 @@ def build_graph(config: GraphConfig, engine_overrides: dict[str, str | type] | N
         handles[group] = SpecialistDeployment.options(name=f"specialist-{group}", **opts.serve_options()).bind(
             [m.model_dump() for m in members],
             (engine_overrides or {}).get(group),
-            opts.max_batch_size,
-            opts.batch_wait_timeout_s,
         )
     merger = MergerDeployment.options(**config.merger.deployment.serve_options()).bind(config.merger.model_dump())
     ingress = RouterIngress.options(name="router", **config.server.deployment.serve_options())

@@ -66,6 +66,7 @@ class SpecialistGroup:
             max_new_tokens=max_new,
             stop=tuple(payload.get("stop") or ()),
             seed=payload.get("seed"),
+            logprobs=payload.get("logprobs"),
         )
         messages = payload.get("messages")
         if messages is not None:
@@ -88,17 +89,14 @@ class SpecialistGroup:
             return error_result("invalid_request", str(err))
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Straight into the engine: its scheduler batches concurrent requests at every decoding step."""
         prepared = self.prepare(payload)
         if isinstance(prepared, dict):
             return prepared
-        return (await self.generate_many([prepared]))[0]
-
-    async def generate_many(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
         try:
-            results = await self.engine.generate_batch(requests)
+            return (await self.engine.generate(prepared)).__dict__
         except EngineInputError as err:
-            return [error_result("invalid_request", str(err))] * len(requests)
-        return [r.__dict__ for r in results]
+            return error_result("invalid_request", str(err))
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         prepared = self.prepare(payload)
@@ -114,35 +112,33 @@ class SpecialistGroup:
     def check_health(self) -> None:
         self.engine.check_health()
 
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's step statistics (batch sizes, aborted rows), where the engine keeps them."""
+        stats = getattr(self.engine, "engine_stats", None)
+        return stats() if stats is not None else {}
+
     def close(self) -> None:
         self.engine.close()
 
 
 @serve.deployment(name="specialist", ray_actor_options={"num_cpus": 1})
 class SpecialistDeployment:
-    """Ray Serve replica of a SpecialistGroup; requests are batched dynamically with @serve.batch."""
+    """Ray Serve replica of a SpecialistGroup.
 
-    def __init__(
-        self,
-        members: list[dict[str, Any]],
-        engine_cls: str | type | None = None,
-        max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.01,
-    ) -> None:
+    No @serve.batch: every request goes straight into the engine, whose own scheduler (vLLM's, or
+    the HF engine's iteration-level one) batches all in-flight requests at each decoding step.
+    A cancelled call (timeout, client gone) cancels the engine request, which frees its slot.
+    """
+
+    def __init__(self, members: list[dict[str, Any]], engine_cls: str | type | None = None) -> None:
         configs = [SpecialistConfig.model_validate(m) for m in members]
         self.group = SpecialistGroup(configs, engine_cls)
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
-        prepared = self.group.prepare(payload)
-        if isinstance(prepared, dict):
-            return prepared
-        return await self._batched(prepared)
+        return await self.group.generate(payload)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
-        return await self.group.generate_many(requests)
+    def engine_stats(self) -> dict[str, Any]:
+        return self.group.engine_stats()
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for item in self.group.stream(payload):

@@ -57,6 +57,7 @@ def test_sampling_mapping() -> None:
         "temperature": 0.0,
         "top_p": 1.0,
         "skip_special_tokens": True,
+        "logprobs": None,
     }
     sampled = sampling_kwargs(SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=5))
     assert sampled["temperature"] == 0.8 and sampled["top_p"] == 0.9 and sampled["seed"] is None
@@ -133,6 +134,35 @@ class FakeSamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+
+
+@dataclass
+class FakeAsyncEngineArgs:
+    """A subset of vllm.engine.arg_utils.AsyncEngineArgs, a dataclass, so an unknown name is a TypeError
+    exactly as with vLLM. Field names are vLLM's (EngineArgs in vllm/engine/arg_utils.py)."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    quantization: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_logprobs: int = 20
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class FakeLogprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -147,6 +177,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[dict[int, FakeLogprob]] | None = None
 
 
 @dataclass
@@ -161,25 +192,44 @@ class FakeAsyncLLM:
 
     instances: ClassVar[list[FakeAsyncLLM]] = []
 
-    def __init__(self, args: dict) -> None:
-        self.args, self.calls, self.aborted = args, [], []
+    def __init__(self, args: FakeAsyncEngineArgs) -> None:
+        self.args, self.calls, self.aborted = args.__dict__, [], []
+        self.inflight = self.max_inflight = 0
         FakeAsyncLLM.instances.append(self)
 
     @classmethod
-    def from_engine_args(cls, args: dict) -> FakeAsyncLLM:
+    def from_engine_args(cls, args: FakeAsyncEngineArgs) -> FakeAsyncLLM:
         return cls(args)
+
+    @staticmethod
+    def _logprobs(i: int, k: int | None) -> list[dict[int, FakeLogprob]] | None:
+        # Token i gets logprob -i/10; its alternatives rank behind it, as vLLM reports sampled + top-k.
+        if k is None:
+            return None
+        options = {i: FakeLogprob(-i / 10, 1, f" w_{i}")}
+        options.update({1000 + j: FakeLogprob(-i / 10 - 1 - j, 2 + j, f"alt{j}") for j in range(k)})
+        return [options]
 
     async def generate(self, prompt, sampling_params, request_id, lora_request=None):
         self.calls.append((prompt, sampling_params, lora_request))
-        lid = lora_request.lora_int_id if lora_request else 0
-        words = [f" w{lid}_{i}" for i in range(sampling_params.max_tokens)]
-        for i in range(len(words)):
-            await asyncio.sleep(0)
-            last = i == len(words) - 1
-            if sampling_params.output_kind == RequestOutputKind.DELTA:
-                yield RequestOutput(request_id, [Completion(words[i], [i], "length" if last else None)], last)
-            elif last:
-                yield RequestOutput(request_id, [Completion("".join(words), list(range(len(words))), "length")], True)
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            lid = lora_request.lora_int_id if lora_request else 0
+            words = [f" w{lid}_{i}" for i in range(sampling_params.max_tokens)]
+            k = sampling_params.logprobs
+            for i in range(len(words)):
+                await asyncio.sleep(0.001)
+                last = i == len(words) - 1
+                if sampling_params.output_kind == RequestOutputKind.DELTA:
+                    c = Completion(words[i], [i], "length" if last else None, self._logprobs(i, k))
+                    yield RequestOutput(request_id, [c], last)
+                elif last:
+                    lps = None if k is None else [self._logprobs(j, k)[0] for j in range(len(words))]
+                    c = Completion("".join(words), list(range(len(words))), "length", lps)
+                    yield RequestOutput(request_id, [c], True)
+        finally:
+            self.inflight -= 1
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -190,7 +240,7 @@ class FakeAsyncLLM:
 
 FAKE_API = types.SimpleNamespace(
     AsyncLLM=FakeAsyncLLM,
-    AsyncEngineArgs=lambda **kw: kw,
+    AsyncEngineArgs=FakeAsyncEngineArgs,
     SamplingParams=FakeSamplingParams,
     LoRARequest=FakeLoRARequest,
     TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids},
@@ -256,3 +306,52 @@ def test_errors_are_client_errors(vengine: VLLMEngine) -> None:
         asyncio.run(vengine.generate(chat("hi", adapter="zzz")))
     with pytest.raises(EngineInputError, match="accepts at most 100"):
         asyncio.run(vengine.generate(chat("fever " * 300)))
+
+
+def test_unknown_engine_kwargs_are_rejected_like_vllm(zoo: Path) -> None:
+    cfg = EngineConfig(model=str(zoo / "general"), engine_kwargs={"max_num_seq": 4})  # typo of max_num_seqs
+    with pytest.raises(EngineInputError, match="max_num_seq.*unexpected keyword argument 'max_num_seq'"):
+        VLLMEngine(cfg, FAKE_API)
+    ok = VLLMEngine(EngineConfig(model=str(zoo / "general"), max_num_seqs=48), FAKE_API)
+    assert ok.engine.args["max_num_seqs"] == 48
+
+
+def test_logprobs_map_from_vllm(vengine: VLLMEngine) -> None:
+    req = GenerationRequest(prompt="hi", params=SamplingParams(temperature=0, max_new_tokens=3, logprobs=2))
+    r = asyncio.run(vengine.generate(req))
+    assert vengine.engine.calls[-1][1].logprobs == 2
+    assert [e["logprob"] for e in r.logprobs] == [0.0, -0.1, -0.2]
+    # top_logprobs are the k best by rank, the sampled token (rank 1 here) included, as OpenAI reports them
+    assert [t["token"] for t in r.logprobs[1]["top_logprobs"]] == [" w_1", "alt0"]
+
+    async def go():
+        return [d async for d in vengine.stream(req)]
+
+    streamed = [e for d in asyncio.run(go()) for e in (d.logprobs or [])]
+    assert streamed == r.logprobs
+    plain = asyncio.run(vengine.generate(chat("x", n=2)))
+    assert plain.logprobs is None
+
+
+def test_specialist_sends_every_request_straight_into_vllm(zoo: Path) -> None:
+    """No @serve.batch in front: 32 concurrent calls are all inside AsyncLLM at once (not 8 at a time)."""
+    from deployments.config import SpecialistConfig
+    from deployments.specialist import SpecialistDeployment, SpecialistGroup
+
+    class FakeVLLM(VLLMEngine):
+        def __init__(self, config: EngineConfig) -> None:
+            super().__init__(config, FAKE_API)
+
+    group = SpecialistGroup([SpecialistConfig(name="gen", model=str(zoo / "general"))], FakeVLLM)
+    payload = {"specialist": "gen", "prompt": "hi", "max_tokens": 20, "temperature": 0}
+
+    async def go():
+        return await asyncio.gather(*(group.generate(payload) for _ in range(32)))
+
+    out = asyncio.run(go())
+    assert all(o["completion_tokens"] == 20 for o in out)
+    assert group.engine.engine.max_inflight == 32
+    # The deployment has no batching wrapper left: its generate is the group's, one request at a time.
+    assert not any(
+        hasattr(getattr(SpecialistDeployment, n, None), "set_max_batch_size") for n in dir(SpecialistDeployment)
+    )

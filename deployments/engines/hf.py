@@ -27,7 +27,8 @@ from deployments.engines.base import (
 )
 from deployments.engines.detok import TextAssembler
 from deployments.engines.sampling import RowSampler, next_tokens
-from deployments.engines.scheduler import Scheduler, Sequence as Seq
+from deployments.engines.scheduler import Scheduler
+from deployments.engines.scheduler import Sequence as Seq
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from deployments.engines.base import (
     GenerationResult,
     SamplingParams,
     StreamDelta,
+    token_logprob,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def engine_args_kwargs(config: EngineConfig) -> dict[str, Any]:
         "tokenizer": config.model,
         "dtype": _DTYPE[config.dtype],
         "trust_remote_code": config.trust_remote_code,
+        "max_num_seqs": config.max_num_seqs,
     }
     quant = _QUANTIZATION[config.quantization]
     if quant is not None:
@@ -74,7 +76,31 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "temperature": params.temperature,
         "top_p": 1.0 if params.greedy else params.top_p,
         "skip_special_tokens": True,
+        "logprobs": params.logprobs,  # vLLM returns the sampled token's logprob plus this many top ones
     }
+
+
+def logprob_entries(token_ids: Sequence[int], logprobs: Sequence[dict] | None, k: int | None) -> list[dict] | None:
+    """vLLM's SampleLogprobs (per token: {token_id: Logprob(logprob, rank, decoded_token)}) -> ours."""
+    if logprobs is None or k is None:
+        return None
+    out = []
+    for tid, options in zip(token_ids, logprobs, strict=False):
+        chosen = options[tid]
+        ranked = sorted(
+            ((i, lp) for i, lp in options.items() if lp.rank is not None and lp.rank <= k), key=lambda x: x[1].rank
+        )
+        top = [
+            {
+                "token": lp.decoded_token or "",
+                "id": i,
+                "logprob": lp.logprob,
+                "bytes": list((lp.decoded_token or "").encode("utf-8")),
+            }
+            for i, lp in ranked
+        ]
+        out.append(token_logprob(chosen.decoded_token or "", tid, chosen.logprob, top))
+    return out
 
 
 class LoRARegistry:
@@ -126,7 +152,13 @@ class VLLMEngine:
         self.config = config
         self.api = api or real_vllm_api()
         self.loras = LoRARegistry(config.adapters)
-        args = self.api.AsyncEngineArgs(**engine_args_kwargs(config))
+        kwargs = engine_args_kwargs(config)
+        try:
+            args = self.api.AsyncEngineArgs(**kwargs)
+        except TypeError as err:  # vLLM's AsyncEngineArgs is a dataclass: an unknown name is a TypeError
+            raise EngineInputError(
+                f"engine_kwargs {sorted(config.engine_kwargs)}: vLLM's AsyncEngineArgs rejected them: {err}"
+            ) from None
         self.engine = self.api.AsyncLLM.from_engine_args(args)
         # Same tokenizer and chat template handling as the HF engine, so both render prompts identically.
         self.tokenizer = load_tokenizer(config)
@@ -164,7 +196,8 @@ class VLLMEngine:
         if final is None:
             raise RuntimeError(f"vLLM returned no output for request {request_id}")
         c = final.outputs[0]
-        return GenerationResult(c.text, len(ids), len(c.token_ids), finish_reason(c.finish_reason))
+        lps = logprob_entries(c.token_ids, getattr(c, "logprobs", None), request.params.logprobs)
+        return GenerationResult(c.text, len(ids), len(c.token_ids), finish_reason(c.finish_reason), lps)
 
     async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         return list(await asyncio.gather(*(self.generate(r) for r in requests)))
@@ -177,12 +210,15 @@ class VLLMEngine:
             async for out in gen:
                 c = out.outputs[0]
                 produced += len(c.token_ids)
-                if c.text:
-                    yield StreamDelta(text=c.text)
+                lps = logprob_entries(c.token_ids, getattr(c, "logprobs", None), request.params.logprobs)
+                if c.text or lps:
+                    yield StreamDelta(text=c.text, logprobs=lps)
+                    lps = None  # sent with the text; the final delta carries only what is left
                 if out.finished:
                     done = True
                     yield StreamDelta(
                         text="",
+                        logprobs=lps,
                         finish_reason=finish_reason(c.finish_reason),
                         prompt_tokens=len(ids),
                         completion_tokens=produced,
