@@ -310,7 +310,7 @@ def test_errors_are_client_errors(vengine: VLLMEngine) -> None:
 
 def test_unknown_engine_kwargs_are_rejected_like_vllm(zoo: Path) -> None:
     cfg = EngineConfig(model=str(zoo / "general"), engine_kwargs={"max_num_seq": 4})  # typo of max_num_seqs
-    with pytest.raises(EngineInputError, match="max_num_seq.*unexpected keyword argument 'max_num_seq'"):
+    with pytest.raises(EngineInputError, match=r"max_num_seq.*unexpected keyword argument 'max_num_seq'"):
         VLLMEngine(cfg, FAKE_API)
     ok = VLLMEngine(EngineConfig(model=str(zoo / "general"), max_num_seqs=48), FAKE_API)
     assert ok.engine.args["max_num_seqs"] == 48
