@@ -67,8 +67,15 @@ class DeploymentOptions(_Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica; 1 on a GPU node.")
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count (exclusive with autoscaling).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds.")
-    max_ongoing_requests: int = Field(32, ge=1, description="Concurrent requests one replica accepts.")
-    max_batch_size: int = Field(8, ge=1, le=1024, description="Dynamic batch size (@serve.batch).")
+    max_ongoing_requests: int = Field(32, ge=1, le=65_536, description="Concurrent requests one replica accepts.")
+    max_queued_requests: int = Field(
+        128,
+        ge=1,
+        le=1_000_000,
+        description="Requests each caller queues for this deployment past max_ongoing_requests; more get 503.",
+    )
+    retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After sent with a 503 for a full queue.")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Dynamic batch size (@serve.batch, merger only).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill.")
 
     @model_validator(mode="after")
@@ -82,6 +89,9 @@ class DeploymentOptions(_Strict):
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
+            # Ray's default queue is unbounded: bound it so overload is refused at once, not queued for minutes.
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"retry_after_s": self.retry_after_s},
         }
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump()
@@ -137,6 +147,8 @@ class SpecialistConfig(EngineConfig):
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout when fanned out.")
+    ttft_timeout_s: float = Field(30.0, gt=0, le=3600, description="Streams: longest wait for the first token.")
+    stall_timeout_s: float = Field(10.0, gt=0, le=3600, description="Streams: longest wait between two tokens.")
 
     @field_validator("name")
     @classmethod
@@ -198,7 +210,7 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Largest prompt (all messages) in characters.")
     max_messages: int = Field(256, ge=1, le=10_000)
-    request_timeout_s: float = Field(300.0, gt=0, le=3600)
+    request_timeout_s: float = Field(300.0, gt=0, le=3600, description="Deadline of a whole request, streams too.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,9 +28,48 @@ class CouncilError(Exception):
         type_: str = "invalid_request_error",
         code: str | None = None,
         routing: Routing | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.routing = status, message, type_, code, routing
+        self.retry_after_s = retry_after_s  # sent as Retry-After with a 503 for a full queue
+
+
+class Overloaded(Exception):
+    """A specialist's queue is full (Ray Serve's BackPressureError, translated by the client)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StreamTimeout(Exception):
+    """A stream produced no first item, or no next item, within its limit."""
+
+
+async def timed_stream(items: AsyncIterator[Any], first_s: float, next_s: float) -> AsyncIterator[Any]:
+    """Relay items, raising StreamTimeout when the first takes over first_s or any later one over next_s.
+
+    On a timeout (or when the consumer leaves) the source is closed, which cancels the remote stream,
+    so a stalled specialist stops using its model at its next decoding step.
+    """
+    it = items.__aiter__()
+    limit, what = first_s, "first token"
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(it.__anext__(), limit)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise StreamTimeout(f"no {what} within {limit:g}s") from None
+            yield item
+            limit, what = next_s, "token (stalled)"
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):  # closing a dead stream must not hide why we stopped
+                await aclose()
 
 
 class SpecialistClient(Protocol):
@@ -51,6 +91,7 @@ class CouncilAnswer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    logprobs: list[dict[str, Any]] | None = None  # a single specialist's tokens; None for a merged answer
 
 
 @dataclass
@@ -64,6 +105,8 @@ class StreamEvent:
     completion_tokens: int = 0
     finish_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why a stream ended early (then finish_reason is "length", never "error")
+    logprobs: list[dict[str, Any]] | None = None  # for the tokens of this delta, when asked for
 
 
 def load_router(config: GraphConfig) -> tuple[TinyAda, RoutingPolicy]:
@@ -147,24 +190,52 @@ class Council:
             pinned=decision.pinned,
         )
 
-    async def _call(self, name: str, payload: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    async def _collect_stream(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer read from the specialist's stream, under its first-token and stall timeouts."""
+        spec = self.config.specialist(name)
+        parts: list[str] = []
+        async for item in timed_stream(
+            self.specialists.stream(name, payload), spec.ttft_timeout_s, spec.stall_timeout_s
+        ):
+            if "error" in item:
+                return item
+            parts.append(item.get("text", ""))
+            if item.get("finish_reason"):
+                return {**item, "text": "".join(parts)}
+        return {"error": {"kind": "engine", "message": "the stream ended without a finish reason"}}
+
+    async def _call(
+        self, name: str, payload: dict[str, Any], timings: dict[str, float], streamed: bool = False
+    ) -> dict[str, Any]:
         timeout = self.config.specialist(name).timeout_s
         t0 = time.perf_counter()
+        sent = {**payload, "specialist": name}
         try:
-            return await asyncio.wait_for(self.specialists.generate(name, {**payload, "specialist": name}), timeout)
+            # When the client streams, read the specialists' streams too: a stalled one is caught by its
+            # stall timeout (seconds) instead of waiting out the whole timeout_s.
+            call = self._collect_stream(name, sent) if streamed else self.specialists.generate(name, sent)
+            return await asyncio.wait_for(call, timeout)
         except asyncio.TimeoutError:
             return {"error": {"kind": "timeout", "message": f"no answer within {timeout:g}s"}}
+        except StreamTimeout as err:
+            return {"error": {"kind": "timeout", "message": str(err)}}
+        except Overloaded as err:
+            return {"error": {"kind": "overloaded", "message": str(err), "retry_after_s": err.retry_after_s}}
         except Exception as err:  # a dead replica, a crashed engine: degrade, never fail the request
             logger.warning("specialist %s failed: %r", name, err)
             return {"error": {"kind": "engine", "message": describe_failure(err)}}
         finally:
             timings[name] = round((time.perf_counter() - t0) * 1000, 2)
 
-    async def fan_out(self, decision: RoutingDecision, payload: dict[str, Any]) -> tuple[dict[str, dict], Routing]:
+    async def fan_out(
+        self, decision: RoutingDecision, payload: dict[str, Any], streamed: bool = False
+    ) -> tuple[dict[str, dict], Routing]:
         """Call every chosen specialist in parallel; split answers from failures."""
         routing = self._routing(decision)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(self._call(n, payload, routing.timings_ms) for n in decision.specialists))
+        results = await asyncio.gather(
+            *(self._call(n, payload, routing.timings_ms, streamed) for n in decision.specialists)
+        )
         routing.timings_ms["fan_out"] = round((time.perf_counter() - t0) * 1000, 2)
         answers: dict[str, dict] = {}
         client_errors = []
@@ -179,6 +250,16 @@ class Council:
         if not answers:
             if client_errors and len(client_errors) == len(results):
                 raise CouncilError(400, client_errors[0], routing=routing)
+            retry = [r["error"].get("retry_after_s") or 1.0 for r in results if r["error"]["kind"] == "overloaded"]
+            if retry:  # at least one queue was full: tell the client when to come back
+                raise CouncilError(
+                    503,
+                    f"the service is overloaded: {routing.failed}",
+                    type_="service_unavailable",
+                    code="overloaded",
+                    routing=routing,
+                    retry_after_s=max(retry),
+                )
             raise CouncilError(
                 503,
                 f"every chosen specialist failed: {routing.failed}",
@@ -204,7 +285,9 @@ class Council:
         prompt_tokens, spec_tokens = _usage(answers)
         if len(answers) == 1:
             (only,) = answers.values()
-            return CouncilAnswer(only["text"], routing, prompt_tokens, spec_tokens, only["finish_reason"])
+            return CouncilAnswer(
+                only["text"], routing, prompt_tokens, spec_tokens, only["finish_reason"], only.get("logprobs")
+            )
         merged = await self._merge(self._merge_payload(payload, answers, routing), routing, answers)
         routing.merged = "merger" not in routing.failed
         return CouncilAnswer(merged["text"], routing, prompt_tokens, spec_tokens + merged["completion_tokens"])
@@ -225,17 +308,20 @@ class Council:
     async def _stream_one(self, decision: RoutingDecision, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
         """Relay one specialist's stream; a failure before any text is a status code, after it an in-band end."""
         name = decision.specialists[0]
+        spec = self.config.specialist(name)
         routing = self._routing(decision)
         sent = False
+        retry_after: float | None = None
+        source = self.specialists.stream(name, {**payload, "specialist": name})
         try:
-            async for item in self.specialists.stream(name, {**payload, "specialist": name}):
+            async for item in timed_stream(source, spec.ttft_timeout_s, spec.stall_timeout_s):
                 if "error" in item:
                     kind, message = item["error"]["kind"], item["error"]["message"]
                     break
                 if item.get("finish_reason"):
                     routing.used = [name]
-                    if item.get("text"):
-                        yield StreamEvent(text=item["text"])
+                    if item.get("text") or item.get("logprobs"):
+                        yield StreamEvent(text=item["text"], logprobs=item.get("logprobs"))
                     yield StreamEvent(
                         done=True,
                         routing=routing,
@@ -245,9 +331,13 @@ class Council:
                     )
                     return
                 sent = sent or bool(item["text"])
-                yield StreamEvent(text=item["text"])
+                yield StreamEvent(text=item["text"], logprobs=item.get("logprobs"))
             else:
                 kind, message = "engine", "the stream ended without a finish reason"
+        except StreamTimeout as err:
+            kind, message = "timeout", str(err)
+        except Overloaded as err:
+            kind, message, retry_after = "overloaded", str(err), err.retry_after_s or 1.0
         except Exception as err:  # a dead replica: degrade to a clear error, never a 500
             logger.warning("specialist %s stream failed: %r", name, err)
             kind, message = "engine", describe_failure(err)
@@ -259,10 +349,14 @@ class Council:
                 503,
                 f"specialist {name!r} failed: {message}",
                 type_="service_unavailable",
-                code="specialists_unavailable",
+                code="overloaded" if kind == "overloaded" else "specialists_unavailable",
                 routing=routing,
+                retry_after_s=retry_after,
             )
-        yield StreamEvent(done=True, routing=routing, finish_reason="error")
+        # Part of the answer is out: end it with a valid finish reason and say why in-band.
+        yield StreamEvent(
+            done=True, routing=routing, finish_reason="length", error=f"specialist {name!r} failed: {kind}: {message}"
+        )
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
         """One specialist: its tokens straight through. Several: fan out, then stream the merger."""
@@ -271,7 +365,7 @@ class Council:
             async for event in self._stream_one(decision, payload):
                 yield event
             return
-        answers, routing = await self.fan_out(decision, payload)
+        answers, routing = await self.fan_out(decision, payload, streamed=True)
         prompt_tokens, spec_tokens = _usage(answers)
         if len(answers) == 1:
             (only,) = answers.values()
@@ -306,7 +400,9 @@ class Council:
             routing.failed["merger"] = describe_failure(err)
         routing.merged = False
         if sent:  # part of a merged answer is out: end it, and say why
-            yield StreamEvent(done=True, routing=routing, finish_reason="error")
+            yield StreamEvent(
+                done=True, routing=routing, finish_reason="length", error=f"merger failed: {routing.failed['merger']}"
+            )
             return
         best = max(answers, key=lambda n: routing.scores.get(n, 0.0))
         yield StreamEvent(text=answers[best]["text"])

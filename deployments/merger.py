@@ -13,6 +13,7 @@ from ray import serve
 
 from deployments.config import MergerConfig
 from deployments.engines.base import resolve_device, resolve_dtype
+from deployments.engines.detok import IncrementalDetokenizer
 from fusion.synthesizer import Answer, SynthesisRequest, Synthesizer
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,15 @@ class MergerService:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
         future = loop.run_in_executor(self._executor, run)
+        # O(1) per token (the shared incremental detokenizer), not a re-decode of the whole answer.
+        detok = IncrementalDetokenizer(self.synth.tokenizer)
         try:
             while (t := await queue.get()) is not None:
                 tokens.append(t)
-                text = self.synth.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
-                if len(text) > emitted:
-                    yield {"text": text[emitted:]}
-                    emitted = len(text)
+                piece = detok.step(t)
+                if piece:
+                    yield {"text": piece}
+                    emitted += len(piece)
             final = await future
             if len(final) > emitted:
                 yield {"text": final[emitted:]}

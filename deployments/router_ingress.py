@@ -1,8 +1,11 @@
 """Router ingress: the OpenAI-compatible HTTP API in front of the council (FastAPI on Ray Serve)."""
 
+import asyncio
 import hmac
 import json
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,15 +14,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import GraphConfig
-from deployments.council import Council, CouncilError, StreamEvent
+from deployments.council import Council, CouncilError, Overloaded, StreamEvent
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RouteRequest,
+    chat_logprobs,
+    completion_logprobs,
     error_body,
     new_id,
     now,
@@ -36,11 +42,23 @@ class HandleSpecialists:
         self.handles, self.group_of = handles, group_of
 
     async def generate(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return await self.handles[self.group_of[name]].generate.remote(payload)
+        try:
+            return await self.handles[self.group_of[name]].generate.remote(payload)
+        except BackPressureError as err:  # this caller's queue for that deployment is full
+            raise Overloaded(err.message, err.retry_after_s) from None
 
     async def stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for item in self.handles[self.group_of[name]].options(stream=True).stream.remote(payload):
-            yield item
+        response = self.handles[self.group_of[name]].options(stream=True).stream.remote(payload)
+        finished = False
+        try:
+            async for item in response:
+                yield item
+            finished = True
+        except BackPressureError as err:
+            raise Overloaded(err.message, err.retry_after_s) from None
+        finally:
+            if not finished:  # consumer gone or timed out: cancel the replica's generator (frees its slot)
+                response.cancel()
 
 
 class HandleMerger:
@@ -62,11 +80,14 @@ def error_response(
     code: str | None = None,
     param: str | None = None,
     routing: dict | None = None,
+    retry_after_s: float | None = None,
 ) -> JSONResponse:
     body = error_body(message, type_, code, param)
     if routing is not None:
         body["routing"] = routing
-    return JSONResponse(body, status_code=status)
+    # Retry-After takes whole seconds (RFC 9110); round up so a client never retries too early.
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(err: ValidationError | RequestValidationError) -> tuple[str, str | None]:
@@ -163,6 +184,7 @@ class RouterIngress:
             "max_tokens": cap,
             "stop": req.stop,
             "seed": req.seed,
+            "logprobs": req.logprobs_k(),
         }
         if isinstance(req, ChatCompletionRequest):
             try:
@@ -193,7 +215,12 @@ class RouterIngress:
     @staticmethod
     def _council_error(err: CouncilError) -> JSONResponse:
         return error_response(
-            err.status, err.message, err.type, err.code, routing=err.routing.model_dump() if err.routing else None
+            err.status,
+            err.message,
+            err.type,
+            err.code,
+            routing=err.routing.model_dump() if err.routing else None,
+            retry_after_s=err.retry_after_s,
         )
 
     async def _complete(self, request: Request, schema: type, chat: bool) -> Any:
@@ -203,10 +230,15 @@ class RouterIngress:
         payload = self._payload(req)
         if isinstance(payload, JSONResponse):
             return payload
+        deadline = time.monotonic() + self.config.server.request_timeout_s
         try:
             if req.stream:
-                return await self._streaming(payload, chat, req)
-            result = await self.council.answer(payload)
+                return await self._streaming(payload, chat, req, deadline)
+            # The whole request, fan-out and merge included, ends by the deadline; cancelling it cancels
+            # the specialists' calls, which drops their rows from the engines at the next step.
+            result = await asyncio.wait_for(self.council.answer(payload), self.config.server.request_timeout_s)
+        except asyncio.TimeoutError:
+            return self._deadline_error()
         except CouncilError as err:
             return self._council_error(err)
         except RouterInputError as err:
@@ -222,10 +254,16 @@ class RouterIngress:
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},
                 "finish_reason": result.finish_reason,
+                "logprobs": chat_logprobs(result.logprobs),
             }
             obj, prefix = "chat.completion", "chatcmpl"
         else:
-            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "logprobs": completion_logprobs(result.logprobs),
+            }
             obj, prefix = "text_completion", "cmpl"
         return {
             "id": new_id(prefix),
@@ -237,13 +275,22 @@ class RouterIngress:
             "routing": result.routing.model_dump(),
         }
 
-    async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any) -> Any:
+    def _deadline_error(self) -> JSONResponse:
+        limit = self.config.server.request_timeout_s
+        return error_response(
+            504, f"the request did not finish within {limit:g}s", type_="timeout_error", code="request_timeout"
+        )
+
+    async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any, deadline: float) -> Any:
         events = self.council.stream(payload)
         # Pull the first event before answering, so routing and specialist errors still get a status code.
         try:
-            first = await events.__anext__()
+            first = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.monotonic()))
         except StopAsyncIteration:
             return error_response(503, "no answer was produced", type_="service_unavailable")
+        except asyncio.TimeoutError:
+            await events.aclose()
+            return self._deadline_error()
         cid, created, model = new_id("chatcmpl" if chat else "cmpl"), now(), payload["model"]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -252,15 +299,21 @@ class RouterIngress:
                 delta: dict[str, Any] = {"role": "assistant", "content": ev.text} if role else {"content": ev.text}
                 if ev.done:
                     delta = {}
-                choice = {"index": 0, "delta": delta, "finish_reason": ev.finish_reason if ev.done else None}
+                choice = {
+                    "index": 0,
+                    "delta": delta,
+                    "finish_reason": ev.finish_reason if ev.done else None,
+                    "logprobs": chat_logprobs(ev.logprobs),
+                }
                 obj = "chat.completion.chunk"
             else:
                 choice = {
                     "index": 0,
                     "text": ev.text,
                     "finish_reason": ev.finish_reason if ev.done else None,
-                    "logprobs": None,
+                    "logprobs": completion_logprobs(ev.logprobs, offset[0]),
                 }
+                offset[0] += len(ev.text)
                 obj = "text_completion"
             body: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
             if ev.done:
@@ -273,15 +326,32 @@ class RouterIngress:
                     }
             return f"data: {json.dumps(body)}\n\n"
 
+        offset = [0]  # completions' text_offset counts characters across chunks
+
+        def error_event(message: str, type_: str, code: str | None) -> str:
+            return f"data: {json.dumps(error_body(message, type_, code))}\n\n"
+
         async def sse() -> AsyncIterator[str]:
+            ev = first
             yield chunk(first, role=True)
-            if not first.done:
-                try:
-                    async for ev in events:
-                        yield chunk(ev)
-                except Exception as err:  # headers are sent: report in-band, then end the stream cleanly
-                    logger.warning("stream failed: %r", err)
-                    yield f"data: {json.dumps(error_body(str(err), 'server_error'))}\n\n"
+            try:
+                while not ev.done:
+                    ev = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.monotonic()))
+                    if ev.done and ev.error:  # ended early: a clear error event, then a valid final chunk
+                        yield error_event(ev.error, "service_unavailable", "stream_interrupted")
+                    yield chunk(ev)
+            except StopAsyncIteration:
+                pass
+            except asyncio.TimeoutError:  # the request's deadline: stop generating, end with "length"
+                limit = self.config.server.request_timeout_s
+                yield error_event(f"the request did not finish within {limit:g}s", "timeout_error", "request_timeout")
+                yield chunk(StreamEvent(done=True, finish_reason="length"))
+            except Exception as err:  # headers are sent: report in-band, then end the stream cleanly
+                logger.warning("stream failed: %r", err)
+                yield error_event(str(err), "server_error", None)
+                yield chunk(StreamEvent(done=True, finish_reason="length"))
+            finally:
+                await events.aclose()  # client gone or done: cancel whatever still runs upstream
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
