@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,11 @@ def chat(text: str, params: SamplingParams = GREEDY, adapter: str | None = None)
 
 
 @pytest.fixture(scope="module")
-def engine(zoo: Path) -> HFEngine:
+def engine(zoo: Path) -> Iterator[HFEngine]:
     adapters = {"a": str(zoo / "adapters" / "lora-a"), "b": str(zoo / "adapters" / "lora-b")}
-    return HFEngine(EngineConfig(model=str(zoo / "general"), adapters=adapters, max_prompt_tokens=200))
+    e = HFEngine(EngineConfig(model=str(zoo / "general"), adapters=adapters, max_prompt_tokens=200))
+    yield e
+    e.close()
 
 
 @pytest.mark.parametrize("name", ["medical", "code", "general"])
@@ -167,3 +171,193 @@ def test_stop_helpers() -> None:
     assert truncate_at_stop("abc", ["x"]) == ("abc", False)
     assert safe_stream_prefix("hello ST", ["STOP"]) == len("hello ")
     assert safe_stream_prefix("hello", ["STOP"]) == 5
+
+
+# ---- continuous batching: scheduler, mixed batches, seeds, cancellation, logprobs, hooks ---------------
+
+
+def test_scheduler_admits_by_slots_and_prefill_budget_and_drops_cancelled() -> None:
+    from deployments.engines.scheduler import Scheduler, Sequence
+
+    s = Scheduler(max_num_seqs=3, max_prefill_tokens=100)
+    a, b, c, d = (Sequence(prompt_len=n, max_new=5) for n in (40, 40, 10, 10))
+    for x in (a, b, c, d):
+        s.add(x)
+    p1 = s.schedule()
+    assert p1.prefill == [a, b] and p1.decode == []  # a third 40-wide row would cost 120 > 100 tokens
+    p2 = s.schedule()
+    assert p2.prefill == [c] and p2.decode == [a, b]  # one slot left: c joins, d waits
+    b.cancel()
+    p3 = s.schedule()
+    assert p3.aborted == [b] and p3.decode == [a, c] and p3.prefill == [d] and b.finished
+    s.finish(a)
+    assert s.schedule().decode == [c, d] and not s.waiting
+    assert s.drain() == [c, d] and not s.has_work
+
+
+def test_rows_join_mid_flight_and_match_each_alone(engine: HFEngine) -> None:
+    """A long greedy row runs; rows with other lengths, adapters, stop strings and sampling join later."""
+    long_req = chat("tell me everything about fevers", SamplingParams(temperature=0.0, max_new_tokens=40))
+    joiners = [
+        chat("hi", SamplingParams(temperature=0.0, max_new_tokens=3), "a"),
+        chat("what is the capital of france and why", SamplingParams(temperature=0.0, max_new_tokens=17)),
+        chat("fever", SamplingParams(temperature=1.0, max_new_tokens=9, seed=5), "b"),
+        GenerationRequest(prompt="def f(x):", params=SamplingParams(temperature=0.0, max_new_tokens=25)),
+    ]
+    alone = [engine.generate_sync(r) for r in [long_req, *joiners]]
+    before = engine.engine_stats()
+
+    async def mixed():
+        stream = engine.stream(long_req)
+        first = await stream.__anext__()  # the long row is decoding: the others join a running batch
+        rest = asyncio.gather(*(engine.generate(r) for r in joiners))
+        tail = [d async for d in stream]
+        return [first, *tail], await rest
+
+    deltas, together = asyncio.run(mixed())
+    assert "".join(d.text for d in deltas) == alone[0].text
+    assert [r.text for r in together] == [r.text for r in alone[1:]]
+    assert [r.completion_tokens for r in together] == [r.completion_tokens for r in alone[1:]]
+    after = engine.engine_stats()
+    assert after["max_batch"] >= 3 and after["steps"] > before["steps"]
+    # Each row kept its own budget while sharing steps: the 3-token row left long before the 40-token one.
+    assert together[0].completion_tokens <= 3
+
+
+def test_greedy_rows_equal_hf_generate(engine: HFEngine) -> None:
+    prompts = ["the patient has a fever", "def", "a much longer prompt about hypertension and its causes"]
+    ours = engine.generate_batch_sync([GenerationRequest(prompt=p, params=GREEDY) for p in prompts])
+    for p, r in zip(prompts, ours, strict=True):
+        ids = engine.render(GenerationRequest(prompt=p))
+        with engine.model.disable_adapter():
+            ref = engine.model.generate(
+                input_ids=torch.tensor([ids]),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=sorted(engine.stop_ids),
+                pad_token_id=engine.tokenizer.pad_token_id,
+            )
+        assert r.text == engine.tokenizer.decode(ref[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_seed_reproducible_inside_a_mixed_batch(engine: HFEngine) -> None:
+    seeded = chat("tell me a story", SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=1234))
+    rng = torch.get_rng_state()
+    alone = engine.generate_sync(seeded).text
+    others = [
+        chat("noise", SamplingParams(temperature=1.0, max_new_tokens=20)),
+        chat("more noise", SamplingParams(temperature=0.0, max_new_tokens=20), "a"),
+        chat("tell me a story", SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=99)),
+    ]
+
+    async def mixed():
+        runs = [asyncio.ensure_future(engine.generate(r)) for r in others]
+        await asyncio.sleep(0.02)  # the seeded row joins a batch that is already decoding
+        return await engine.generate(seeded), await asyncio.gather(*runs)
+
+    together, rest = asyncio.run(mixed())
+    assert together.text == alone
+    assert rest[2].text != alone  # a different seed really samples differently
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG was never reseeded nor advanced
+
+
+def test_cancelled_stream_leaves_the_batch_within_one_step(engine: HFEngine) -> None:
+    before = engine.engine_stats()
+
+    async def go() -> None:
+        stream = engine.stream(chat("go on and on", SamplingParams(temperature=0.0, max_new_tokens=400)))
+        n = 0
+        async for d in stream:
+            n += bool(d.text)
+            if n == 2:
+                break
+        await stream.aclose()
+
+    asyncio.run(go())
+    deadline = time.monotonic() + 10
+    while engine.engine_stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after = engine.engine_stats()
+    assert after["running"] == 0 and after["waiting"] == 0
+    assert after["aborted"] == before["aborted"] + 1
+    assert after["max_steps_after_cancel"] <= 1
+    assert after["tokens"] - before["tokens"] < 400
+
+
+def test_logprobs_match_a_reference_forward(engine: HFEngine) -> None:
+    req = GenerationRequest(
+        prompt="fever and cough", params=SamplingParams(temperature=0.0, max_new_tokens=6, logprobs=3)
+    )
+    r = engine.generate_sync(req)
+    assert r.logprobs is not None and len(r.logprobs) == r.completion_tokens
+    ids = engine.render(req)
+    gen = [e["id"] for e in r.logprobs]
+    with engine.model.disable_adapter():
+        logits = engine.model(input_ids=torch.tensor([ids + gen])).logits[0].float()
+    ref = torch.log_softmax(logits[len(ids) - 1 : -1], dim=-1)  # (T, V): the distribution each token came from
+    for t, e in enumerate(r.logprobs):
+        assert e["logprob"] == pytest.approx(float(ref[t, e["id"]]), abs=1e-4)
+        assert [a["id"] for a in e["top_logprobs"]] == ref[t].topk(3).indices.tolist()
+        assert e["id"] == int(ref[t].argmax())  # greedy picked the top token
+    assert engine.generate_sync(chat("fever")).logprobs is None
+
+
+def test_logits_processor_hook_steers_each_row(engine: HFEngine) -> None:
+    seen: list[list[int]] = []
+
+    class Force:
+        def __init__(self, token: int) -> None:
+            self.token = token
+
+        def process(self, token_ids_so_far: list[int], logits: torch.Tensor) -> torch.Tensor:
+            seen.append(list(token_ids_so_far))
+            out = torch.full_like(logits, float("-inf"))
+            out[self.token] = 0.0
+            return out
+
+    forced = engine.tokenizer.convert_tokens_to_ids("a")
+    p = SamplingParams(temperature=0.0, max_new_tokens=4, logprobs=0)
+    hooked = GenerationRequest(prompt="hello", params=p, logits_processor=Force(forced))
+    plain = GenerationRequest(prompt="hello", params=p)
+    r_hooked, r_plain = engine.generate_batch_sync([hooked, plain])
+    assert [e["id"] for e in r_hooked.logprobs] == [forced] * 4
+    assert [e["id"] for e in r_plain.logprobs] != [forced] * 4  # the hook steered only its own row
+    assert seen == [[], [forced], [forced] * 2, [forced] * 3]
+
+
+def test_every_generation_config_eos_id_stops(zoo: Path, tmp_path: Path) -> None:
+    """A checkpoint may list several stop ids in generation_config; every one of them ends the answer."""
+    import json
+    import shutil
+
+    model = tmp_path / "two-eos"
+    shutil.copytree(zoo / "general", model)
+    e = HFEngine(EngineConfig(model=str(model)))
+    req = GenerationRequest(prompt="hello", params=SamplingParams(temperature=0.0, max_new_tokens=12, logprobs=0))
+    free = [x["id"] for x in e.generate_sync(req).logprobs]
+    e.close()
+    cfg_path = model / "generation_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eos_token_id"] = [cfg["eos_token_id"], free[2]]  # the third token it generates becomes a stop id
+    cfg_path.write_text(json.dumps(cfg))
+    e2 = HFEngine(EngineConfig(model=str(model)))
+    assert e2.stop_ids == {e2.tokenizer.eos_token_id, free[2]}
+    r = e2.generate_sync(req)
+    e2.close()
+    assert [x["id"] for x in r.logprobs] == free[: free.index(free[2]) + 1]
+    assert r.finish_reason == "stop" and r.completion_tokens <= 3
+
+
+def test_incremental_detokenizer_equals_full_decode(engine: HFEngine) -> None:
+    from deployments.engines.detok import IncrementalDetokenizer
+
+    tok = engine.tokenizer
+    ids = tok("héllo wörld, 日本語 fever\ntabs\tand ünïcödé")["input_ids"] + list(range(3, 200, 7))
+
+    class Slow:  # no fast backend: exercises the windowed fallback
+        def decode(self, xs, skip_special_tokens=True):
+            return tok.decode(xs, skip_special_tokens=skip_special_tokens)
+
+    for t in (tok, Slow()):
+        d = IncrementalDetokenizer(t)
+        assert "".join(d.step(i) for i in ids) == tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")

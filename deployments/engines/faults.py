@@ -1,4 +1,4 @@
-"""Fault-injection engines for tests and chaos drills: one that always raises, one that hangs."""
+"""Fault-injection engines for tests and chaos drills: one that raises, one that hangs, one that stalls mid-stream."""
 
 from __future__ import annotations
 
@@ -41,6 +41,21 @@ class HangingEngine(ExplodingEngine):
         await asyncio.sleep(self.hang_s)
         return [GenerationResult("", 0, 0, "length") for _ in requests]
 
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return (await self.generate_batch([request]))[0]
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        await asyncio.sleep(self.hang_s)
+        yield StreamDelta(text="", finish_reason="length")
+
+
+class StallingEngine(HangingEngine):
+    """Streams a few tokens, then goes silent, as a replica wedged mid-answer would."""
+
+    tokens_before_stall = 2
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        for i in range(self.tokens_before_stall):
+            yield StreamDelta(text=f" tok{i}")
         await asyncio.sleep(self.hang_s)
         yield StreamDelta(text="", finish_reason="length")

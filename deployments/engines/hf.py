@@ -403,6 +403,8 @@ class HFEngine:
     def _emit(self, seq: Seq, token: int, logprob: dict | None) -> bool:
         """Hand one row's new token to its request; True when the row is finished."""
         row: _Row = seq.payload
+        if seq.cancelled:
+            return False  # nobody reads it: the scheduler drops it (counted as aborted) before the next forward
         seq.generated += 1
         if logprob is not None:
             row.pending_logprobs.append(logprob)
@@ -419,8 +421,9 @@ class HFEngine:
             return False  # held back (partial character or a possible stop string): nothing to send yet
         lps, row.pending_logprobs = (row.pending_logprobs or None), []
         if finish is None:
-            return not self._deliver(seq, StreamDelta(text=text, logprobs=lps))
-        self._deliver(
+            self._deliver(seq, StreamDelta(text=text, logprobs=lps))
+            return False
+        return self._deliver(
             seq,
             StreamDelta(
                 text=text,
@@ -430,11 +433,11 @@ class HFEngine:
                 logprobs=lps,
             ),
         )
-        return True
 
     @staticmethod
     def _deliver(seq: Seq, item: StreamDelta) -> bool:
-        """Pass an item to the request; a receiver that is gone (closed event loop) cancels the row."""
+        """Pass an item to the request; a receiver that is gone (closed event loop) cancels the row,
+        which the scheduler then drops as aborted."""
         try:
             seq.payload.sink(item)
             return True

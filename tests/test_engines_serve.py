@@ -1,0 +1,194 @@
+"""Engines under load on real Ray Serve and the zoo: batching, overlap, disconnect, 503, stalled streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_serve import free_port, tiny_args
+
+pytestmark = pytest.mark.serve
+
+MAX_ONGOING, MAX_QUEUED = 4, 2
+
+
+def load_args(zoo: Path) -> dict:
+    """general (HF, small queue bounds) and a 'staller' that streams two tokens, then goes silent."""
+    args = tiny_args(zoo)
+    general = next(s for s in args["specialists"] if s["name"] == "general")
+    general.update(group=None, adapters={}, ttft_timeout_s=20, stall_timeout_s=5, timeout_s=30)
+    general["deployment"] = {
+        "num_cpus": 0.1,
+        "max_ongoing_requests": MAX_ONGOING,
+        "max_queued_requests": MAX_QUEUED,
+        "retry_after_s": 2,
+    }
+    staller = {
+        **general,
+        "name": "staller",
+        "ttft_timeout_s": 2,
+        "stall_timeout_s": 1,
+        "timeout_s": 10,
+        "deployment": {"num_cpus": 0.1},
+    }
+    args["specialists"] = [general, staller]
+    # Every auto prompt goes to both (a merged stream); pinning picks one.
+    args["router"] = {
+        "top_k": 2,
+        "fallback": "general",
+        "domain_to_specialist": {"medical": "general", "code": "staller", "general": "general"},
+        "thresholds": {"medical": 0.0, "code": 0.0, "general": 1.0},
+    }
+    return args
+
+
+@pytest.fixture(scope="module")
+def url(zoo: Path) -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_graph
+    from deployments.config import parse_graph_config
+
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    graph = build_graph(
+        parse_graph_config(load_args(zoo)), engine_overrides={"staller": "deployments.engines.faults:StallingEngine"}
+    )
+    serve.run(graph, name="load", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("specialist-general", app_name="load").engine_stats.remote().result()
+
+
+def body(max_tokens: int, stream: bool = False, model: str = "general", **kw) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "tell me about fevers"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        **kw,
+    }
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict | str]:
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def test_stream_and_generate_share_the_batch(url: str) -> None:
+    """A short request sent while a long stream runs finishes first: no head-of-line blocking."""
+    before = stats()
+    marks: dict[str, float] = {}
+    first_chunk = threading.Event()
+
+    def long_stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(300, stream=True), timeout=120) as r:
+            for ev in sse_events(r.iter_lines()):
+                first_chunk.set()
+                if ev == "[DONE]":
+                    break
+        marks["stream_done"] = time.monotonic()
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    assert first_chunk.wait(60)
+    r = httpx.post(f"{url}/v1/chat/completions", json=body(4), timeout=60)
+    marks["short_done"] = time.monotonic()
+    t.join(120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert marks["short_done"] < marks["stream_done"]  # it did not wait behind the 300-token stream
+    after = stats()
+    assert after["max_batch"] >= 2  # both rows really decoded in the same steps
+    assert after["prefilled_rows"] - before["prefilled_rows"] == 2
+
+
+def test_disconnect_frees_the_slot_within_a_step(url: str) -> None:
+    before = stats()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(500, stream=True), timeout=60) as r:
+        for n, _ in enumerate(sse_events(r.iter_lines())):
+            if n == 3:
+                break  # the client goes away mid-answer
+    deadline = time.monotonic() + 15
+    while (s := stats())["aborted"] == before["aborted"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert s["aborted"] == before["aborted"] + 1
+    assert s["running"] == 0 and s["max_steps_after_cancel"] <= 1
+    assert s["tokens"] - before["tokens"] < 500  # it stopped long before its max_tokens
+
+
+def test_past_the_queue_bound_is_503_at_once(url: str) -> None:
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(f"{url}/v1/chat/completions", json=body(200))
+                    for _ in range(3 * (MAX_ONGOING + MAX_QUEUED))
+                )
+            )
+
+    out = asyncio.run(flood())
+    codes = [r.status_code for r in out]
+    assert codes.count(200) >= MAX_ONGOING and codes.count(503) >= MAX_ONGOING + MAX_QUEUED
+    refused = next(r for r in out if r.status_code == 503)
+    assert refused.headers["retry-after"] == "2"
+    err = refused.json()["error"]
+    assert err["type"] == "service_unavailable" and err["code"] == "overloaded"
+    assert "general" in refused.json()["routing"]["failed"]
+
+
+def test_stalled_single_stream_ends_cleanly(url: str) -> None:
+    t0 = time.monotonic()
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body(50, stream=True, model="staller"), timeout=60
+    ) as r:
+        events = list(sse_events(r.iter_lines()))
+    assert r.status_code == 200 and time.monotonic() - t0 < 30
+    assert events[-1] == "[DONE]"
+    errors = [e for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and "stalled" in errors[0]["error"]["message"]
+    final = events[-2]
+    assert final["choices"][0]["finish_reason"] == "length"  # a valid OpenAI finish reason, never "error"
+    assert "staller" in final["routing"]["failed"]
+    text = "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and "choices" in e
+    )
+    assert text == " tok0 tok1"
+
+
+def test_stalled_specialist_is_dropped_from_a_merged_stream(url: str) -> None:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(8, stream=True, model="auto"), timeout=60) as r:
+        events = list(sse_events(r.iter_lines()))
+    final = events[-2]
+    routing = final["routing"]
+    assert sorted(routing["specialists"]) == ["general", "staller"]
+    assert routing["used"] == ["general"] and "stalled" in routing["failed"]["staller"]
+    assert final["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not any(isinstance(e, dict) and "error" in e for e in events)
+
+
+def test_logprobs_over_http(url: str) -> None:
+    r = httpx.post(f"{url}/v1/chat/completions", json=body(5, logprobs=True, top_logprobs=2), timeout=60).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"]
+    assert all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
+    assert httpx.post(f"{url}/v1/chat/completions", json=body(3), timeout=60).json()["choices"][0]["logprobs"] is None
