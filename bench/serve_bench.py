@@ -1,19 +1,26 @@
-"""Load on the running tiny service: req/s and p50/p99 at concurrency 1/8/32, fan-out ratio, graph overhead.
+"""Load on the tiny service: throughput and TTFT under concurrency, streams vs batching, backpressure, fan-out.
 
-Start the service first (`make serve`), then: python -m bench.serve_bench [--url http://127.0.0.1:8000]
+Either against a running service (`make serve`, then `python -m bench.serve_bench --url http://127.0.0.1:8000`)
+or self-hosted (`python -m bench.serve_bench --start`: configs/tiny.yaml on the zoo, port 8103, in a private
+local Ray cluster; only then can it read the engines' step statistics for the disconnect row).
 Traffic goes to the given loopback URL only; every loop is bounded in count.
+Sections: `engines` (issue #11: c1/c32/c256, TTFT, 8 streams, short-during-long, disconnect, 503) and
+`load`, `fanout` (the original tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from pathlib import Path
 
 import httpx
 
 from bench.common import percentile, print_table, save
+
+PORT = 8103  # this helper's port for a self-hosted run
 
 SINGLE = "What are the early symptoms of hypertension?"  # routes to medical alone
 TWO = "Write a Python script that parses patient records and flags patients with diabetes."  # medical + code
@@ -95,22 +102,324 @@ def in_process(zoo: Path, prompts: list[tuple[str, str]], max_tokens: int, n: in
     return out
 
 
+# ---- engines under load (issue #11) -------------------------------------------------------------------
+
+
+async def post(client: httpx.AsyncClient, url: str, payload: dict) -> tuple[float, httpx.Response]:
+    t0 = time.perf_counter()
+    r = await client.post(f"{url}/v1/chat/completions", json=payload)
+    return time.perf_counter() - t0, r
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, payload: dict, stop_after: int | None = None) -> dict:
+    """One SSE stream: time to first content, total time, completion tokens (from usage)."""
+    t0 = time.perf_counter()
+    ttft, tokens, chunks = None, 0, 0
+    body_ = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body_) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("choices") and ev["choices"][0]["delta"].get("content"):
+                chunks += 1
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+            if ev.get("usage"):
+                tokens = ev["usage"]["completion_tokens"]
+            if stop_after is not None and chunks >= stop_after:
+                break
+    return {"ttft": ttft, "wall": time.perf_counter() - t0, "tokens": tokens, "status": r.status_code}
+
+
+def client_for(concurrency: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency + 16)
+    return httpx.AsyncClient(timeout=300, limits=limits)
+
+
+async def throughput(url: str, model: str, concurrency: int, total: int, max_tokens: int) -> dict:
+    lat: list[float] = []
+    codes: list[int] = []
+    tokens = 0
+    payload = body(SINGLE, model, max_tokens)
+    async with client_for(concurrency) as client:
+        await post(client, url, payload)  # warm-up
+        left = list(range(total))
+
+        async def worker() -> None:
+            nonlocal tokens
+            while left:
+                left.pop()
+                dt, r = await post(client, url, payload)
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    lat.append(dt)
+                    tokens += r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "ok": codes.count(200),
+        "503": codes.count(503),
+        "req_per_s": codes.count(200) / wall,
+        "tok_per_s": tokens / wall,
+        "p50_ms": percentile(lat, 50) * 1000,
+        "p99_ms": percentile(lat, 99) * 1000,
+    }
+
+
+async def ttft(url: str, model: str, concurrency: int, total: int, max_tokens: int) -> dict:
+    out: list[dict] = []
+    async with client_for(concurrency) as client:
+        await stream_once(client, url, body(SINGLE, model, max_tokens))
+        left = list(range(total))
+
+        async def worker() -> None:
+            while left:
+                left.pop()
+                out.append(await stream_once(client, url, body(SINGLE, model, max_tokens)))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    t = [o["ttft"] for o in out if o["ttft"] is not None]
+    return {
+        "concurrency": concurrency,
+        "streams": len(out),
+        "ttft_p50_ms": percentile(t, 50) * 1000,
+        "ttft_p99_ms": percentile(t, 99) * 1000,
+    }
+
+
+async def streams_vs_one(url: str, model: str, n: int, max_tokens: int) -> dict:
+    payload = body("Tell me everything you know about fevers, at length.", model, max_tokens)
+    async with client_for(n) as client:
+        await stream_once(client, url, payload)
+        one = await stream_once(client, url, payload)
+        t0 = time.perf_counter()
+        many = await asyncio.gather(*(stream_once(client, url, payload) for _ in range(n)))
+        wall = time.perf_counter() - t0
+    one_rate = one["tokens"] / one["wall"]
+    agg = sum(m["tokens"] for m in many) / wall
+    return {
+        "one_stream_tok_s": one_rate,
+        f"{n}_streams_tok_s": agg,
+        "ratio": agg / one_rate,
+        "tokens_per_stream": one["tokens"],
+    }
+
+
+async def short_during_long(url: str, model: str, long_tokens: int, n: int = 8) -> dict:
+    short = body("Fever?", model, 4)
+    async with client_for(4) as client:
+        await post(client, url, short)
+        alone = [(await post(client, url, short))[0] for _ in range(n)]
+        first = asyncio.Event()
+        done_at: list[float] = []
+
+        async def long_stream() -> dict:
+            t0 = time.perf_counter()
+            tokens = 0
+            payload = {**body("Tell me everything about fevers, at length.", model, long_tokens), "stream": True}
+            payload["stream_options"] = {"include_usage": True}
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=payload) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        first.set()
+                        ev = json.loads(line[6:])
+                        if ev.get("usage"):
+                            tokens = ev["usage"]["completion_tokens"]
+            done_at.append(time.perf_counter())
+            return {"wall": time.perf_counter() - t0, "tokens": tokens}
+
+        task = asyncio.create_task(long_stream())
+        await first.wait()
+        during = []
+        for _ in range(n):
+            dt, _ = await post(client, url, short)
+            during.append((dt, not done_at))  # was the long stream still running when it came back?
+        stream = await task
+    lat = [dt for dt, running in during if running]
+    return {
+        "short_alone_p50_ms": percentile(alone, 50) * 1000,
+        "short_during_p50_ms": percentile(lat, 50) * 1000,
+        "ratio": percentile(lat, 50) / percentile(alone, 50),
+        "measured_while_streaming": f"{len(lat)}/{n}",
+        "long_stream_tokens": stream["tokens"],
+        "long_stream_s": stream["wall"],
+    }
+
+
+async def disconnect(url: str, model: str, stats) -> dict:
+    """Read a few chunks of a 400-token stream, hang up, and watch the engine drop the row."""
+    before = stats()
+    async with client_for(2) as client:
+        got = await stream_once(client, url, body("Tell me everything about fevers.", model, 400), stop_after=3)
+    t_close = time.perf_counter()
+    deadline = t_close + 30
+    while (s := stats())["aborted"] == before["aborted"] and time.perf_counter() < deadline:
+        await asyncio.sleep(0.005)
+    return {
+        "aborted_rows": s["aborted"] - before["aborted"],
+        "ms_to_abort": (time.perf_counter() - t_close) * 1000,
+        "tokens_generated": s["tokens"] - before["tokens"],
+        "chunks_received": 3 if got["ttft"] is not None else 0,
+        "max_steps_after_cancel": s["max_steps_after_cancel"],
+    }
+
+
+async def overload(url: str, model: str, flood: int, max_tokens: int) -> dict:
+    async with client_for(flood) as client:
+        res = await asyncio.gather(*(post(client, url, body(SINGLE, model, max_tokens)) for _ in range(flood)))
+    refused = [(dt, r) for dt, r in res if r.status_code == 503]
+    lat = [dt for dt, _ in refused]
+    return {
+        "sent": flood,
+        "ok": sum(r.status_code == 200 for _, r in res),
+        "503": len(refused),
+        "503_p50_ms": percentile(lat, 50) * 1000,
+        "503_p99_ms": percentile(lat, 99) * 1000,
+        "503_max_ms": max(lat, default=float("nan")) * 1000,
+        "retry_after": refused[0][1].headers.get("retry-after") if refused else None,
+        "openai_body": bool(refused) and refused[0][1].json()["error"]["code"] == "overloaded",
+    }
+
+
+def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
+    model = "medical"
+    spec = next(s for s in graph["specialists"] if s["name"] == model)
+    bound = spec["deployment"]["max_ongoing_requests"] + spec["deployment"]["max_queued_requests"]
+    tp = [asyncio.run(throughput(url, model, c, max(64, 2 * c) if not quick else max(16, c), 16)) for c in (1, 32, 256)]
+    print_table(f"pinned {model}, max_tokens 16, greedy: throughput", tp)
+    tt = [asyncio.run(ttft(url, model, c, 32 if c == 1 else 128, 16)) for c in (1, 32)]
+    print_table("time to first token (streams, max_tokens 16)", tt)
+    sv = asyncio.run(streams_vs_one(url, model, 8, 200))
+    sd = asyncio.run(short_during_long(url, model, 400))
+    dc = asyncio.run(disconnect(url, model, stats)) if stats is not None else None
+    ov = asyncio.run(overload(url, model, bound + 64, 64))
+    c32, c256 = tp[1]["req_per_s"], tp[2]["req_per_s"]
+    summary = [
+        {"measure": "c256 / c32 throughput (target >= 0.9)", "value": c256 / c32},
+        {"measure": "8 streams / 1 stream aggregate tok/s (target >= 4)", "value": sv["ratio"]},
+        {
+            "measure": "  one stream tok/s | 8 streams tok/s",
+            "value": f"{sv['one_stream_tok_s']:.0f} | {sv['8_streams_tok_s']:.0f}",
+        },
+        {"measure": "short request during a 400-token stream / alone, p50 (target <= 2)", "value": sd["ratio"]},
+        {
+            "measure": "  short alone | during p50 ms (measured while streaming)",
+            "value": f"{sd['short_alone_p50_ms']:.1f} | {sd['short_during_p50_ms']:.1f}"
+            f" ({sd['measured_while_streaming']})",
+        },
+        {
+            "measure": "  long stream tokens | seconds",
+            "value": f"{sd['long_stream_tokens']} | {sd['long_stream_s']:.2f}",
+        },
+        {"measure": f"past the queue bound ({bound}): 503s of {ov['sent']} sent", "value": ov["503"]},
+        {
+            "measure": "503 latency p50 | p99 | max ms (target < 100)",
+            "value": f"{ov['503_p50_ms']:.1f} | {ov['503_p99_ms']:.1f} | {ov['503_max_ms']:.1f}",
+        },
+        {"measure": "503 has Retry-After | OpenAI error body", "value": f"{ov['retry_after']} | {ov['openai_body']}"},
+    ]
+    if dc is not None:
+        summary += [
+            {
+                "measure": "disconnect: forwards a cancelled row still took (target <= 1)",
+                "value": dc["max_steps_after_cancel"],
+            },
+            {
+                "measure": "disconnect: ms from hang-up to row dropped | tokens generated",
+                "value": f"{dc['ms_to_abort']:.1f} | {dc['tokens_generated']}",
+            },
+        ]
+    for row in tt:
+        summary.append(
+            {
+                "measure": f"TTFT p50 | p99 ms at c{row['concurrency']}",
+                "value": f"{row['ttft_p50_ms']:.1f} | {row['ttft_p99_ms']:.1f}",
+            }
+        )
+    print_table("engines under load (issue #11)", summary)
+    return [*tp, *tt, {"streams_vs_one": sv}, {"short_during_long": sd}, {"disconnect": dc}, {"overload": ov}, *summary]
+
+
+def tiny_graph(zoo: Path) -> dict:
+    import yaml
+
+    args = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
+    for s in args["specialists"]:
+        s["model"] = s["model"].replace(".zoo", str(zoo))
+        s["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in s.get("adapters", {}).items()}
+    args["merger"]["model"] = args["merger"]["model"].replace(".zoo", str(zoo))
+    return args
+
+
+def start_service(graph: dict) -> str:
+    """configs/tiny.yaml's graph in a private local Ray cluster on this helper's port."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_graph
+    from deployments.config import parse_graph_config
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_graph(parse_graph_config(graph)), name="consilium", route_prefix="/")
+    return f"http://127.0.0.1:{PORT}"
+
+
+def engine_stats_reader(name: str):
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"specialist-{name}", app_name="consilium")
+    return lambda: handle.engine_stats.remote().result()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--zoo", default=".zoo")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--start", action="store_true", help=f"host configs/tiny.yaml on port {PORT} for the run")
+    ap.add_argument("--sections", default="engines,load,fanout", help="comma-separated: engines, load, fanout")
+    ap.add_argument("--quick", action="store_true", help="fewer requests per level")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    stats = None
+    if args.start:
+        graph = tiny_graph(Path(args.zoo))
+        args.url = start_service(graph)
+        stats = engine_stats_reader("medical")
+    else:
+        graph = tiny_graph(Path(args.zoo))
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("serve_bench only targets a service on this machine (loopback)")
+    try:
+        if "engines" in sections:
+            rows = engines_section(args.url, graph, stats, args.quick)
+            print("saved", save("serve_engines", rows, url=args.url, self_hosted=args.start))
+        if sections & {"load", "fanout"}:
+            classic(args, sections)
+    finally:
+        if args.start:
+            from ray import serve
 
+            serve.shutdown()
+
+
+def classic(args: argparse.Namespace, sections: set[str]) -> None:
+    """The original tables: req/s per concurrency for one- and two-route prompts, fan-out and graph overhead."""
     rows = []
     for label, prompt in (("single-route", SINGLE), ("two-route", TWO)):
         for c in (1, 8, 32):
             r = asyncio.run(load(args.url, body(prompt, "auto", args.max_tokens), c, max(args.requests, c)))
             rows.append({"prompt": label, "concurrency": c, **r})
     print_table(f"tiny service at {args.url}, max_tokens={args.max_tokens}, greedy", rows)
+    if "fanout" not in sections:
+        print("saved", save("serve", rows, url=args.url, max_tokens=args.max_tokens))
+        return
 
     n = 15
     med, med_t = asyncio.run(alone(args.url, body(TWO, "medical", args.max_tokens), n))
