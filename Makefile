@@ -23,7 +23,7 @@ zoo: $(ZOO)/zoo.json
 
 # Foreground server on http://127.0.0.1:8000 (Ctrl-C stops it).
 serve: zoo
-	$(VENV)/bin/consilium serve configs/tiny.yaml
+	$(VENV)/bin/consilium serve configs/zoo.yaml
 
 test: install
 	$(PY) -m pytest -q tests

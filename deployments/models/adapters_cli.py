@@ -7,7 +7,7 @@ import json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deployments.adapters import (
+    from deployments.models.adapters import (
         AdapterDataError,
         AdapterTrainConfig,
         TargetModuleError,
