@@ -174,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands owned by the other parts; their modules import nothing heavy at module level.
     from deployments.models.adapters_cli import register as register_adapter
+    from deployments.models.cli import register as register_models
     from fusion.cli import register as register_fusion
     from router.cli import register as register_router
 
-    for register in (register_router, register_fusion, register_adapter):
+    for register in (register_router, register_fusion, register_adapter, register_models):
         register(sub)
     return parser
 
