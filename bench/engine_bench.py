@@ -11,7 +11,7 @@ from bench.common import print_table, save
 from deployments.config import EngineConfig
 from deployments.engines.base import GenerationRequest, SamplingParams
 from deployments.engines.hf import HFEngine
-from deployments.zoo import build_zoo
+from deployments.models.zoo import build_zoo
 
 
 def main() -> None:

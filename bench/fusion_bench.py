@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import print_table, save
-from deployments.zoo import t5_tokenizer, tiny_t5
+from deployments.models.zoo import t5_tokenizer, tiny_t5
 from fusion.merger import AdvancedCrossAttentionMerger, MergerConfig
 from fusion.synthesizer import Answer, SynthesisRequest, Synthesizer
 from fusion.train import FusionExample, FusionTrainConfig, train_fusion

@@ -83,7 +83,7 @@ def in_process(zoo: Path, prompts: list[tuple[str, str]], max_tokens: int, n: in
 
     from deployments.pipeline import MultiSpecializedLanguageModelPipeline
 
-    args = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
+    args = yaml.safe_load((Path(__file__).parents[1] / "configs" / "zoo.yaml").read_text())["applications"][0]["args"]
     for s in args["specialists"]:
         s["model"] = s["model"].replace(".zoo", str(zoo))
         s["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in s.get("adapters", {}).items()}

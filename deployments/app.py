@@ -1,4 +1,4 @@
-"""Builds the Serve application from a validated graph config: `serve run configs/tiny.yaml` calls build_app."""
+"""Builds the Serve application from a validated graph config: `serve run configs/zoo.yaml` calls build_app."""
 
 from __future__ import annotations
 

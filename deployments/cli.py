@@ -58,7 +58,7 @@ def _existing_path(value: str) -> Path:
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from deployments.zoo import build_zoo
+    from deployments.models.zoo import build_zoo
 
     paths = build_zoo(args.dir, seed=args.seed)
     for name, path in paths.items():
@@ -169,15 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     cc.set_defaults(func=cmd_config_check)
 
     srv = sub.add_parser("serve", help="run the Serve graph of a config in the foreground")
-    srv.add_argument("config", type=_existing_path, help="Serve config file, e.g. configs/tiny.yaml")
+    srv.add_argument("config", type=_existing_path, help="Serve config file, e.g. configs/embedded.yaml")
     srv.set_defaults(func=cmd_serve)
 
     # Subcommands owned by the other parts; their modules import nothing heavy at module level.
-    from deployments.adapters_cli import register as register_adapter
+    from deployments.models.adapters_cli import register as register_adapter
+    from deployments.models.cli import register as register_models
     from fusion.cli import register as register_fusion
     from router.cli import register as register_router
 
-    for register in (register_router, register_fusion, register_adapter):
+    for register in (register_router, register_fusion, register_adapter, register_models):
         register(sub)
     return parser
 

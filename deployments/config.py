@@ -189,9 +189,16 @@ class RouterConfig(_Strict):
 
 
 class MergerConfig(_Strict):
-    """The synthesizer: T5 encoder per answer, cross-attention merger, T5 decoder."""
+    """The merger: `fusion` (T5 encoder per answer, cross-attention merger, T5 decoder) or `aggregate`
+    (a causal LM writes one answer from the question and the experts' answers)."""
 
-    model: str = Field(..., min_length=1, description="T5 checkpoint (FLAN-T5 in production).")
+    synthesis: Literal["fusion", "aggregate"] = Field(
+        "fusion", description="fusion: T5 + cross-attention merger; aggregate: a causal LM with a merge prompt."
+    )
+    model: str = Field(..., min_length=1, description="T5 checkpoint (fusion) or causal LM checkpoint (aggregate).")
+    aggregate_prompt: str | None = Field(
+        None, max_length=8192, description="System prompt of the aggregate mode; None uses the built-in one."
+    )
     merger_weights: str | None = Field(None, description="Trained merger directory; None = identity merger.")
     device: str | None = Field(None, description="torch device; None picks what is present.")
     dtype: DType = Field("auto")
@@ -201,6 +208,12 @@ class MergerConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     timeout_s: float = Field(120.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> MergerConfig:
+        if self.synthesis == "aggregate" and self.merger_weights is not None:
+            raise ValueError("merger_weights belongs to synthesis 'fusion'; synthesis 'aggregate' has no merger module")
+        return self
 
 
 class ServerConfig(_Strict):

@@ -290,6 +290,7 @@ class Council:
             )
         merged = await self._merge(self._merge_payload(payload, answers, routing), routing, answers)
         routing.merged = "merger" not in routing.failed
+        routing.synthesis = merged.get("synthesis") if routing.merged else None
         return CouncilAnswer(merged["text"], routing, prompt_tokens, spec_tokens + merged["completion_tokens"])
 
     async def _merge(self, merge_payload: dict[str, Any], routing: Routing, answers: dict[str, dict]) -> dict:
@@ -385,6 +386,7 @@ class Council:
             async for item in self.merger.stream(self._merge_payload(payload, answers, routing)):
                 if "completion_tokens" in item:
                     routing.timings_ms["merge"] = round((time.perf_counter() - t0) * 1000, 2)
+                    routing.synthesis = item.get("synthesis")
                     yield StreamEvent(
                         done=True,
                         routing=routing,

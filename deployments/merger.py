@@ -1,4 +1,4 @@
-"""Merger: fuses several specialists' answers into one with the Synthesizer (batched, streamable)."""
+"""Merger: fuses several specialists' answers into one, by fusion (T5 Synthesizer) or aggregate (causal LM)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,75 @@ from typing import Any
 
 from ray import serve
 
-from deployments.config import MergerConfig
-from deployments.engines.base import resolve_device, resolve_dtype
+from deployments.config import EngineConfig, MergerConfig
+from deployments.engines.base import GenerationRequest, SamplingParams, resolve_device, resolve_dtype
 from deployments.engines.detok import IncrementalDetokenizer
 from fusion.synthesizer import Answer, SynthesisRequest, Synthesizer
 
 logger = logging.getLogger(__name__)
+
+# Mixture-of-Agents' aggregate-and-synthesize prompt (Wang et al., 2024), shortened for a small model.
+AGGREGATE_PROMPT = (
+    "You have been given answers from several experts to the user's question. "
+    "Write one answer that combines them: keep what each expert got right, include the important points "
+    "of every answer, drop repetition and anything wrong. Do not mention the experts."
+)
+CHARS_PER_TOKEN = 4  # budget answers in characters: the prompt is built before any engine tokenises it
+
+
+def aggregate_messages(payload: dict[str, Any], system: str, max_answer_chars: int) -> tuple[dict[str, str], ...]:
+    """The chat an aggregator sees: instructions and numbered expert answers, then the question."""
+    parts = [system, ""]
+    for i, a in enumerate(payload["answers"], 1):
+        text = a["text"].strip()
+        if len(text) > max_answer_chars:
+            text = text[:max_answer_chars].rsplit(" ", 1)[0] + " ..."
+        parts.append(f"Expert {i} ({a['domain']}):\n{text}\n")
+    return ({"role": "system", "content": "\n".join(parts).strip()}, {"role": "user", "content": payload["query"]})
+
+
+class AggregateSynthesis:
+    """Aggregate mode: a causal LM writes the merged answer, through the engine protocol (generate/stream).
+
+    It loads its own copy of the model in the merger replica: a merge then never queues behind
+    specialist requests, and the merger scales on its own (see docs/embedded.md for the measured cost).
+    """
+
+    def __init__(self, config: MergerConfig) -> None:
+        from deployments.engines.select import select_engine_class
+
+        self.config = config
+        engine_config = EngineConfig(model=config.model, device=config.device, dtype=config.dtype)
+        self.engine = select_engine_class(engine_config)(engine_config)
+        self.system = config.aggregate_prompt or AGGREGATE_PROMPT
+
+    def request(self, payload: dict[str, Any]) -> GenerationRequest:
+        cap = min(payload.get("max_tokens") or self.config.max_new_tokens, self.config.max_new_tokens)
+        params = SamplingParams(temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=cap)
+        messages = aggregate_messages(payload, self.system, self.config.max_answer_tokens * CHARS_PER_TOKEN)
+        return GenerationRequest(messages=messages, params=params)
+
+    async def synthesize_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results = await self.engine.generate_batch([self.request(p) for p in payloads])
+        return [{"text": r.text, "completion_tokens": r.completion_tokens, "synthesis": "aggregate"} for r in results]
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for delta in self.engine.stream(self.request(payload)):
+            if delta.finish_reason is None:
+                if delta.text:
+                    yield {"text": delta.text}
+                continue
+            if delta.text:
+                yield {"text": delta.text}
+            yield {
+                "text": "",
+                "completion_tokens": delta.completion_tokens,
+                "finish_reason": delta.finish_reason,
+                "synthesis": "aggregate",
+            }
+
+    def check_health(self) -> None:
+        self.engine.check_health()
 
 
 def to_synthesis_request(payload: dict[str, Any]) -> SynthesisRequest:
@@ -29,6 +92,11 @@ class MergerService:
 
     def __init__(self, config: MergerConfig) -> None:
         self.config = config
+        self.aggregate: AggregateSynthesis | None = None
+        if config.synthesis == "aggregate":
+            self.aggregate = AggregateSynthesis(config)
+            self.synth = None
+            return
         device = resolve_device(config.device)
         self.synth = Synthesizer.from_pretrained(
             config.model,
@@ -52,6 +120,8 @@ class MergerService:
 
     async def synthesize_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One batch per distinct token cap (the decoder takes one max_new_tokens per call)."""
+        if self.aggregate is not None:
+            return await self.aggregate.synthesize_many(payloads)
         loop = asyncio.get_running_loop()
         out: list[dict[str, Any] | None] = [None] * len(payloads)
         groups: dict[tuple, list[int]] = {}
@@ -61,14 +131,18 @@ class MergerService:
             reqs = [to_synthesis_request(payloads[i]) for i in idx]
             texts = await loop.run_in_executor(self._executor, lambda r=reqs, k=key: self.synth.generate(r, **dict(k)))
             for i, text in zip(idx, texts, strict=True):
-                out[i] = {"text": text, "completion_tokens": self._count(text)}
+                out[i] = {"text": text, "completion_tokens": self._count(text), "synthesis": "fusion"}
         return [o for o in out if o is not None]
 
     async def synthesize(self, payload: dict[str, Any]) -> dict[str, Any]:
         return (await self.synthesize_many([payload]))[0]
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Text deltas as the T5 decoder writes them; the last item carries the token count."""
+        """Text deltas as the model writes them; the last item carries the token count."""
+        if self.aggregate is not None:
+            async for item in self.aggregate.stream(payload):
+                yield item
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[int | None] = asyncio.Queue()
         request = to_synthesis_request(payload)
@@ -100,7 +174,7 @@ class MergerService:
             final = await future
             if len(final) > emitted:
                 yield {"text": final[emitted:]}
-            yield {"text": "", "completion_tokens": self._count(final), "finish_reason": "stop"}
+            yield {"text": "", "completion_tokens": self._count(final), "finish_reason": "stop", "synthesis": "fusion"}
         finally:
             cancelled.set()
 
@@ -127,5 +201,7 @@ class MergerDeployment:
             yield item
 
     def check_health(self) -> None:
-        if self.service.synth is None:
+        if self.service.aggregate is not None:
+            self.service.aggregate.check_health()
+        elif self.service.synth is None:
             raise RuntimeError("synthesizer is not loaded")

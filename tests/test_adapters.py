@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from deployments.adapters import (
+from deployments.config import EngineConfig, SpecialistConfig, parse_graph_config
+from deployments.engines.base import GenerationRequest, SamplingParams
+from deployments.engines.hf import HFEngine
+from deployments.models.adapters import (
     AdapterDataError,
     AdapterTrainConfig,
     TargetModuleError,
@@ -15,9 +18,6 @@ from deployments.adapters import (
     resolve_target_modules,
     train_adapter,
 )
-from deployments.config import EngineConfig, SpecialistConfig, parse_graph_config
-from deployments.engines.base import GenerationRequest, SamplingParams
-from deployments.engines.hf import HFEngine
 from deployments.specialist import SpecialistGroup
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)

@@ -53,7 +53,7 @@ def test_config_check_names_field(tmp_path: Path, capsys: pytest.CaptureFixture)
     bad.write_text("specialists: [{name: a, model: m, backend: tpu}]\nrouter: {fallback: a}\nmerger: {model: t}\n")
     assert main(["config", "check", str(bad)]) == 2
     assert "specialists.0.backend" in capsys.readouterr().err
-    assert main(["config", "check", str(Path(__file__).parents[1] / "configs" / "tiny.yaml")]) == 0
+    assert main(["config", "check", str(Path(__file__).parents[1] / "configs" / "zoo.yaml")]) == 0
 
 
 def test_prompt_too_long_is_a_cli_error(zoo: Path, capsys: pytest.CaptureFixture) -> None:

@@ -22,11 +22,11 @@ API_KEY = "test-key-123456"
 
 
 def tiny_args(zoo: Path, adapter: Path | None = None) -> dict:
-    """configs/tiny.yaml's graph on the test zoo, one logical GPU per specialist deployment.
+    """configs/zoo.yaml's graph on the test zoo, one logical GPU per specialist deployment.
 
     With `adapter`, a "nurse" specialist joins the general group using that trained LoRA.
     """
-    args = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
+    args = yaml.safe_load((REPO / "configs" / "zoo.yaml").read_text())["applications"][0]["args"]
     for spec in args["specialists"]:
         spec["model"] = spec["model"].replace(".zoo", str(zoo))
         spec["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in spec.get("adapters", {}).items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from deployments.zoo import build_zoo
+from deployments.models.zoo import build_zoo
 
 
 def test_zoo_layout_and_formats(zoo: Path) -> None:

@@ -6,7 +6,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class AdapterTrainConfig:
     target_modules: list[str] | None = None  # None: every Linear in the decoder blocks
     quantization: str = "none"  # "nf4": QLoRA
     seed: int = 0
+    save_dtype: str | None = None  # e.g. "bfloat16": halves the adapter on disk; None keeps the training dtype
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -219,8 +220,13 @@ def train_adapter(
         bar.write(json.dumps(history[-1]))
     bar.close()
     out = Path(out)
+    if cfg.save_dtype is not None:  # loading copies into the engine's own dtype, so storage may be smaller
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(getattr(torch, cfg.save_dtype))
     model.save_pretrained(out)
     report = {
+        "base": str(base),
         "out": str(out),
         "target_modules": targets,
         "adapted_modules": len(adapted),
@@ -229,6 +235,51 @@ def train_adapter(
         "history": history,
         "seconds": time.perf_counter() - t0,
         "quantization": cfg.quantization,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
     }
     (out / "consilium_training.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+@torch.no_grad()
+def heldout_perplexity(
+    base: str,
+    adapters: dict[str, str],
+    data: dict[str, list[list[dict[str, str]]]],
+    max_length: int = 256,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Perplexity on the assistant tokens of each data set, for the base ("base") and each adapter.
+
+    Token-weighted: every reply token counts once, however the examples are batched.
+    """
+    dev = resolve_device(device)
+    engine_cfg = EngineConfig(model=base, adapters=adapters, device=device)
+    tokenizer = load_tokenizer(engine_cfg)
+    model = load_causal_lm(engine_cfg, dev, resolve_dtype("auto", dev))
+    pad = tokenizer.pad_token_id
+    out: dict[str, dict[str, float]] = {}
+    for variant in ["base", *adapters]:
+        out[variant] = {}
+        for domain, rows in data.items():
+            encoded = [encode_example(tokenizer, m, max_length) for m in rows]
+            total = tokens = 0.0
+            for i in range(0, len(encoded), batch_size):
+                batch = _collate(encoded[i : i + batch_size], pad, dev)
+                labels = batch.pop("labels")
+                if variant == "base" and adapters:
+                    with model.disable_adapter():
+                        logits = model(**batch).logits
+                else:
+                    if adapters:
+                        model.set_adapter(variant)
+                    logits = model(**batch).logits
+                # Shifted cross-entropy summed over reply tokens (labels -100 elsewhere).
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+                )
+                total += loss.item()
+                tokens += (labels[:, 1:] != -100).sum().item()
+            out[variant][domain] = float(torch.exp(torch.tensor(total / max(tokens, 1))))
+    return out
