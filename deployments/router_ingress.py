@@ -1,5 +1,6 @@
 """Router ingress: the OpenAI-compatible HTTP API in front of the council (FastAPI on Ray Serve)."""
 
+import asyncio
 import hmac
 import json
 import logging
@@ -8,39 +9,77 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import SecretStr, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, StreamEvent
 from deployments.protocol import (
+    SEED_MAX,
+    BodyError,
     ChatCompletionRequest,
     CompletionRequest,
     RouteRequest,
     error_body,
     new_id,
     now,
+    parse_json_body,
 )
 from router.model import RouterInputError
 
 logger = logging.getLogger(__name__)
 
 
+# A replica that died (SIGKILL, OOM, node loss) under a request: nothing of the answer reached the
+# client yet, so the request goes again; Serve routes it to another replica or the restarted one.
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+RETRY_DELAYS_S = (0.2, 1.0, 2.0)
+
+
 class HandleSpecialists:
-    """SpecialistClient over Serve handles: specialist name -> its group's deployment."""
+    """SpecialistClient over Serve handles: specialist name -> its group's deployment.
+
+    Generation is idempotent, so a request whose replica died is retried (a stream only until its
+    first item: after that the client has text and the council ends it in-band). The number of
+    retries rides back on the result as "retries".
+    """
 
     def __init__(self, handles: dict[str, DeploymentHandle], group_of: dict[str, str]) -> None:
         self.handles, self.group_of = handles, group_of
 
     async def generate(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return await self.handles[self.group_of[name]].generate.remote(payload)
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+            try:
+                result = await self.handles[self.group_of[name]].generate.remote(payload)
+                return {**result, "retries": attempt} if attempt else result
+            except REPLICA_GONE as err:
+                if delay is None:
+                    raise
+                logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for item in self.handles[self.group_of[name]].options(stream=True).stream.remote(payload):
-            yield item
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+            started = False
+            try:
+                async for item in self.handles[self.group_of[name]].options(stream=True).stream.remote(payload):
+                    if not started and attempt:
+                        item = {**item, "retries": attempt}
+                    started = True
+                    yield item
+                return
+            except REPLICA_GONE as err:
+                if started or delay is None:
+                    raise
+                logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
+                await asyncio.sleep(delay)
 
 
 class HandleMerger:
@@ -76,7 +115,38 @@ def _validation_message(err: ValidationError | RequestValidationError) -> tuple[
     return (f"{param}: {first['msg']}" if param else first["msg"]), param
 
 
-app = FastAPI(title="Consilium", description="A council of specialist language models, OpenAI-compatible.")
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its $defs substituted in place (OpenAPI resolves $ref from the document root)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def _body_doc(model: type) -> dict[str, Any]:
+    # Routes read the raw body (size limit, depth limit, strict JSON) before pydantic sees it; this
+    # puts the request schema in /openapi.json anyway, for clients and for schemathesis.
+    schema = _inline_refs(model.model_json_schema())
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+# /docs and /openapi.json are served by the ingress itself, behind the API key when auth is on.
+app = FastAPI(
+    title="Consilium",
+    description="A council of specialist language models, OpenAI-compatible.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -107,15 +177,20 @@ class RouterIngress:
         group_of = {s.name: g for g, members in self.config.groups().items() for s in members}
         self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
         self.token_limit = min(s.generation.max_new_tokens_limit for s in self.config.specialists)
+        self._api_key: SecretStr | None = self.config.server.read_api_key()
+        # Optional features the engines provide; the lead's merge turns them on (see docs/reliability.md).
+        self.supported: frozenset[str] = frozenset()
 
     # ---- request plumbing ----------------------------------------------------------------------------
 
     def _auth(self, request: Request) -> JSONResponse | None:
-        key = self.config.server.api_key
-        if key is None:
+        if self._api_key is None:
             return None
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = self._api_key.get_secret_value().encode()
+        # Compare in constant time whatever the scheme, so the timing says nothing about the key.
+        good = hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+        if not (good and scheme.lower() == "bearer"):
             return error_response(
                 401,
                 "missing or invalid API key (Authorization: Bearer ...)",
@@ -129,28 +204,46 @@ class RouterIngress:
         denied = self._auth(request)
         if denied is not None:
             return denied
-        limit = self.config.server.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            return error_response(
-                413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large"
-            )
-        raw = await request.body()
-        if len(raw) > limit:
-            return error_response(
-                413, f"request body is {len(raw)} bytes; the limit is {limit}", code="request_too_large"
-            )
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            media = ctype.split(";")[0].strip().lower()
+            if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+                return error_response(
+                    415,
+                    f"Content-Type {ctype[:80]!r} is not supported; send application/json",
+                    code="unsupported_media_type",
+                )
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return error_response(400, f"request body is not valid JSON: {err}")
-        if not isinstance(data, dict):
-            return error_response(400, f"request body must be a JSON object, got {type(data).__name__}")
+            raw = await self._read_limited(request)
+            data = parse_json_body(raw)
+        except BodyError as err:
+            code = "request_too_large" if err.status == 413 else None
+            return error_response(err.status, str(err), code=code, param=err.param)
         try:
-            return schema.model_validate(data)
+            req = schema.model_validate(data)
         except ValidationError as err:
             message, param = _validation_message(err)
             return error_response(400, message, param=param)
+        refused = req.refused_field(self.supported) if hasattr(req, "refused_field") else None
+        if refused is not None:
+            return error_response(400, refused[1], param=refused[0], code="unsupported_parameter")
+        return req
+
+    async def _read_limited(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes the limit, whether declared or sent chunked."""
+        limit = self.config.server.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise BodyError(f"Content-Length {declared[:40]!r} is not a byte count")
+            if int(declared) > limit:
+                raise BodyError(f"request body is {declared} bytes; the limit is {limit}", status=413)
+        buf = bytearray()
+        async for part in request.stream():
+            buf += part
+            if len(buf) > limit:  # a chunked body has no Content-Length: stop reading here, not at the end
+                raise BodyError(f"request body is over {limit} bytes; the limit is {limit}", status=413)
+        return bytes(buf)
 
     def _payload(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | JSONResponse:
         cap = req.token_cap()
@@ -206,36 +299,47 @@ class RouterIngress:
         try:
             if req.stream:
                 return await self._streaming(payload, chat, req)
-            result = await self.council.answer(payload)
+            if req.n == 1:
+                results = [await self.council.answer(payload)]
+            else:
+                # n choices are n independent council answers; a seed stays reproducible per choice.
+                seeds = [None if req.seed is None else (req.seed + i) % (SEED_MAX + 1) for i in range(req.n)]
+                results = await asyncio.gather(*(self.council.answer({**payload, "seed": sd}) for sd in seeds))
         except CouncilError as err:
             return self._council_error(err)
         except RouterInputError as err:
             return error_response(400, str(err))
         model = payload["model"]
+        completion = sum(r.completion_tokens for r in results)
         usage = {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens": results[0].prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": results[0].prompt_tokens + completion,
         }
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-            }
-            obj, prefix = "chat.completion", "chatcmpl"
-        else:
-            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
-            obj, prefix = "text_completion", "cmpl"
-        return {
-            "id": new_id(prefix),
-            "object": obj,
+        choices = []
+        for i, result in enumerate(results):
+            if chat:
+                choice = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            else:
+                choice = {"index": i, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+            choices.append(choice)
+        body = {
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
             "created": now(),
             "model": model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage,
-            "routing": result.routing.model_dump(),
+            "routing": results[0].routing.model_dump(),
         }
+        if len(results) > 1:
+            body["routings"] = [r.routing.model_dump() for r in results]
+        return body
 
     async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any) -> Any:
         events = self.council.stream(payload)
@@ -247,7 +351,16 @@ class RouterIngress:
         cid, created, model = new_id("chatcmpl" if chat else "cmpl"), now(), payload["model"]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+        def frame(body: dict[str, Any]) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
         def chunk(ev: StreamEvent, role: bool = False) -> str:
+            if ev.error is not None:
+                # finish_reason has no "error" in OpenAI's API: an error event, which the openai client
+                # raises as APIError, says the answer is incomplete and why.
+                body = error_body(ev.error, "server_error", code="stream_interrupted")
+                body["routing"] = ev.routing.model_dump() if ev.routing else None
+                return frame(body)
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ev.text} if role else {"content": ev.text}
                 if ev.done:
@@ -263,15 +376,19 @@ class RouterIngress:
                 }
                 obj = "text_completion"
             body: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None  # OpenAI: null on every chunk but the extra last one
             if ev.done:
                 body["routing"] = ev.routing.model_dump() if ev.routing else None
-                if include_usage:
-                    body["usage"] = {
-                        "prompt_tokens": ev.prompt_tokens,
-                        "completion_tokens": ev.completion_tokens,
-                        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-                    }
-            return f"data: {json.dumps(body)}\n\n"
+            out = frame(body)
+            if ev.done and include_usage:
+                usage = {
+                    "prompt_tokens": ev.prompt_tokens,
+                    "completion_tokens": ev.completion_tokens,
+                    "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+                }
+                out += frame({**body, "choices": [], "usage": usage})
+            return out
 
         async def sse() -> AsyncIterator[str]:
             yield chunk(first, role=True)
@@ -281,22 +398,37 @@ class RouterIngress:
                         yield chunk(ev)
                 except Exception as err:  # headers are sent: report in-band, then end the stream cleanly
                     logger.warning("stream failed: %r", err)
-                    yield f"data: {json.dumps(error_body(str(err), 'server_error'))}\n\n"
+                    yield frame(
+                        error_body(f"the answer was interrupted: {err}"[:500], "server_error", "stream_interrupted")
+                    )
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     # ---- routes --------------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
         return await self._complete(request, ChatCompletionRequest, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_doc(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         return await self._complete(request, CompletionRequest, chat=False)
 
-    @app.post("/v1/route")
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Any:
+        denied = self._auth(request)
+        return denied if denied is not None else app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Any:
+        denied = self._auth(request)
+        if denied is not None:
+            return denied
+        html: HTMLResponse = get_swagger_ui_html(openapi_url="openapi.json", title="Consilium API")
+        return html
+
+    @app.post("/v1/route", openapi_extra=_body_doc(RouteRequest))
     async def route(self, request: Request) -> Any:
         req = await self._body(request, RouteRequest)
         if isinstance(req, JSONResponse):
