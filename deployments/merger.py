@@ -70,8 +70,9 @@ class MergerService:
             texts = await loop.run_in_executor(self._executor, lambda r=reqs, k=key: self.synth.generate(r, **dict(k)))
             cap = dict(key)["max_new_tokens"]
             for i, text in zip(idx, texts, strict=True):
-                n = self._count(text)
-                # The decoder's own ids are not returned; re-encoding the text is within a token of them.
+                # The decoder's ids are not returned here: re-encoding the text estimates their count
+                # (the decoder cannot have written more than its cap).
+                n = min(self._count(text), cap)
                 out[i] = {"text": text, "completion_tokens": n, "finish_reason": "length" if n >= cap - 1 else "stop"}
         return [o for o in out if o is not None]
 
@@ -109,12 +110,13 @@ class MergerService:
             final = await future
             if len(final) > emitted:
                 yield {"text": final[emitted:]}
-            eos = self.synth.tokenizer.eos_token_id
-            hit_cap = len(tokens) >= kwargs["max_new_tokens"] and (not tokens or tokens[-1] != eos)
+            # The streamed ids are exact: count them (an ending EOS is not part of the answer).
+            ended = bool(tokens) and tokens[-1] == self.synth.tokenizer.eos_token_id
+            n = len(tokens) - ended
             yield {
                 "text": "",
-                "completion_tokens": self._count(final),
-                "finish_reason": "length" if hit_cap else "stop",
+                "completion_tokens": n,
+                "finish_reason": "length" if not ended and n >= kwargs["max_new_tokens"] else "stop",
             }
         finally:
             cancelled.set()

@@ -63,7 +63,8 @@ def _first_lone_surrogate(data: Any) -> str | None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
-                return path or "<body>"
+                # The path may hold the surrogate itself (a key): escape it, or the error body cannot be encoded.
+                return (path or "<body>").encode("utf-8", "backslashreplace").decode()
         elif isinstance(v, dict):
             for k, x in v.items():
                 stack.append((f"{path}.{k}" if path else str(k), k))
@@ -198,6 +199,12 @@ class _SamplingFields(_Strict):
     web_search_options: Any = None
     reasoning_effort: Any = None
 
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, v: float | None) -> float | None:
+        # logits / 1e-320 overflow to inf and sampling fails: as vLLM does, below 1e-5 means greedy.
+        return 0.0 if v is not None and v < 1e-5 else v
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
@@ -207,14 +214,6 @@ class _SamplingFields(_Strict):
         if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings of at most 256 characters")
         return stops
-
-    @model_validator(mode="after")
-    def _consistent(self) -> _SamplingFields:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        if self.store:
-            raise ValueError("store=true is not supported: this service stores no completions")
-        return self
 
     def token_cap(self) -> int | None:
         """max_completion_tokens (the current OpenAI name) wins over the deprecated max_tokens."""
@@ -237,6 +236,10 @@ class _SamplingFields(_Strict):
             return "response_format", f"response_format type {rf.type!r} is not supported by this service's engines yet"
         if self.n > 1 and self.stream:
             return "n", "n > 1 is supported without streaming only"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true"
+        if self.store:
+            return "store", "store=true is not supported: this service stores no completions"
         return None
 
 

@@ -102,7 +102,8 @@ def error_response(
     param: str | None = None,
     routing: dict | None = None,
 ) -> JSONResponse:
-    body = error_body(message, type_, code, param)
+    # Error text may quote client input; escape what UTF-8 cannot carry rather than fail with a 500.
+    body = error_body(message.encode("utf-8", "backslashreplace").decode(), type_, code, param)
     if routing is not None:
         body["routing"] = routing
     return JSONResponse(body, status_code=status)
@@ -111,8 +112,9 @@ def error_response(
 def _validation_message(err: ValidationError | RequestValidationError) -> tuple[str, str | None]:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+    # param names the top-level field (what a client set); the message carries the full path.
+    path = ".".join(loc)
+    return (f"{path}: {first['msg']}" if path else first["msg"]), (loc[0] if loc else None)
 
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +148,7 @@ app = FastAPI(
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
+    redirect_slashes=False,  # "/v1/models/" is a 404 like any unknown path, not a 307 to follow
 )
 
 
@@ -248,7 +251,8 @@ class RouterIngress:
     def _payload(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | JSONResponse:
         cap = req.token_cap()
         if cap is not None and cap > self.token_limit:
-            return error_response(400, f"max_tokens={cap} exceeds the limit of {self.token_limit}", param="max_tokens")
+            name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            return error_response(400, f"{name}={cap} exceeds the limit of {self.token_limit}", param=name)
         payload: dict[str, Any] = {
             "model": req.model,
             "temperature": req.temperature,
