@@ -212,7 +212,7 @@ def mixed_load(
     return results
 
 
-def counts(results: list[Outcome]) -> dict[str, int]:
+def counts(results: list[Outcome]) -> dict[str, Any]:
     return {
         "sent": len(results),
         "succeeded": sum(o.ok for o in results),
@@ -221,6 +221,7 @@ def counts(results: list[Outcome]) -> dict[str, int]:
         "interrupted": sum(o.interrupted for o in results),
         "failed": sum(o.failed for o in results),
         "lost": sum(o.lost for o in results),
+        "why_failed": sorted({o.detail for o in results if o.failed or o.lost})[:5],
     }
 
 
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=20.0, help="requests per second")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--hold-s", type=float, default=10.0, help="how long the SIGSTOP drill keeps the replica frozen")
+    ap.add_argument("--drills", default="sigkill,sigstop", help="comma-separated subset of sigkill,sigstop")
     ap.add_argument("--out", type=Path, default=Path("bench/results/faults.json"))
     args = ap.parse_args(argv)
     if not (args.zoo / "zoo.json").is_file():
@@ -293,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     url = start(args.zoo, app, max_tokens=args.max_tokens)
     rows: dict[str, dict[str, Any]] = {}
     try:
-        killed = kill_drill(url, app, args.requests, args.rate, args.max_tokens)
-        rows["sigkill"] = counts(killed)
-        stopped = stop_drill(url, app, args.requests, args.rate, args.max_tokens, args.hold_s)
-        rows["sigstop"] = counts(stopped)
-        after = one_request(url, {"model": FROZEN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        rows["sigstop"]["recovered"] = int(after.ok)
+        if "sigkill" in args.drills:
+            rows["sigkill"] = counts(kill_drill(url, app, args.requests, args.rate, args.max_tokens))
+        if "sigstop" in args.drills:
+            rows["sigstop"] = counts(stop_drill(url, app, args.requests, args.rate, args.max_tokens, args.hold_s))
+            after = one_request(
+                url, {"model": FROZEN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            )
+            rows["sigstop"]["recovered"] = int(after.ok)
     finally:
         stop()
     cols = ["sent", "succeeded", "degraded", "retried", "interrupted", "failed", "lost"]
@@ -309,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "drills": rows}, indent=2))
     lost = sum(r["lost"] for r in rows.values())
+    for name, row in rows.items():
+        for why in row["why_failed"]:
+            print(f"{name}: failed or lost: {why}")
     print(f"lost: {lost}")
     return 0 if lost == 0 else 1
 

@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 
 # A replica that died (SIGKILL, OOM, node loss) under a request: nothing of the answer reached the
 # client yet, so the request goes again; Serve routes it to another replica or the restarted one.
+# The back-off spans ~20 s: until Serve's controller notices the death, the handle may still pick the
+# dead replica and fail at once. The council's per-specialist timeout bounds it all for fan-outs.
 REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
-RETRY_DELAYS_S = (0.2, 1.0, 2.0)
+RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0, 8.0)
 
 
 class HandleSpecialists:

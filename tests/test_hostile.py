@@ -270,7 +270,7 @@ def build_corpus() -> list[Case]:
     add(Case("nested-60-unknown", body=chat(x=nested(60)), param="x"))
     add(Case("nested-in-content", body=b'{"messages":[{"role":"user","content":' + b"[" * 3000 + b"]" * 3000 + b"}]}"))
     add(Case("nested-in-stop", body=chat(stop=nested(70))))
-    add(Case("brackets-inside-strings", body=user("[" * 1500 + "{" * 1500), expect=200))
+    add(Case("brackets-inside-strings", body=user("[" * 250 + "{" * 250), expect=200))
 
     # messages
     for i, m in enumerate(
@@ -581,6 +581,7 @@ def test_schemathesis_fuzzing_finds_no_server_error(url: str) -> None:
     from bench.fuzz_bench import fuzz
 
     report = fuzz(url, AUTH, examples=12, seed=0)  # bounded and seeded for CI; bench/fuzz_bench.py runs longer
+    print("schemathesis:", report["requests"], "requests", report["statuses"])
     assert report["requests"] >= 60, report
     assert report["server_errors"] == [], report["server_errors"]
     assert report["statuses"].get("2xx", 0) > 0 and report["statuses"].get("4xx", 0) > 0, report
