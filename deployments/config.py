@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 # Hard ceilings that no config may exceed: a config may lower them, never raise them.
 MAX_NEW_TOKENS_CEILING = 32_768
@@ -219,12 +220,51 @@ class MergerConfig(_Strict):
 class ServerConfig(_Strict):
     """HTTP limits and auth of the router ingress."""
 
-    api_key: str | None = Field(None, min_length=8, description="Bearer token; None disables auth.")
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the bearer token (read by the router replica); "
+        "auth is off when neither this nor api_key_file is set.",
+    )
+    api_key_file: str | None = Field(
+        None, min_length=1, description="File holding the bearer token (a mounted secret)."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Largest prompt (all messages) in characters.")
     max_messages: int = Field(256, ge=1, le=10_000)
     request_timeout_s: float = Field(300.0, gt=0, le=3600, description="Deadline of a whole request, streams too.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plain_key(cls, data: Any) -> Any:
+        # The application args are readable by anyone who can read the Serve config or the dashboard.
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(
+                "api_key must not be written into the config (it is readable in the Serve application args); "
+                "name an environment variable in server.api_key_env or a secret file in server.api_key_file"
+            )
+        return data
+
+    def read_api_key(self) -> SecretStr | None:
+        """The bearer token from the environment or the secret file; None when auth is off."""
+        if self.api_key_env is None and self.api_key_file is None:
+            return None
+        if self.api_key_env is not None:
+            key, where = os.environ.get(self.api_key_env), f"environment variable {self.api_key_env}"
+            if key is None:
+                raise ConfigError(f"server.api_key_env: {where} is not set")
+        else:
+            path = Path(self.api_key_file).expanduser()  # type: ignore[arg-type]
+            where = f"file {str(path)!r}"
+            try:
+                key = path.read_text()
+            except OSError as err:
+                raise ConfigError(f"server.api_key_file: cannot read {where}: {err.strerror}") from None
+        key = key.strip()
+        if len(key) < 8:
+            raise ConfigError(f"server.api_key: the key in {where} is shorter than 8 characters")
+        return SecretStr(key)
 
 
 class GraphConfig(_Strict):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from deployments.config import GraphConfig
-from deployments.protocol import Routing
+from deployments.protocol import Routing, Usage
 from router.model import TinyAda, shipped_router_path
 from router.policy import RoutingDecision, RoutingPolicy
 
@@ -143,6 +143,16 @@ def _usage(answers: dict[str, dict]) -> tuple[int, int]:
     return (sum(a["prompt_tokens"] for a in answers.values()), sum(a["completion_tokens"] for a in answers.values()))
 
 
+def _record_specialist_usage(routing: Routing, answers: dict[str, dict]) -> None:
+    # Behind a merge the client sees the merger's tokens only; what each specialist spent is reported here.
+    for n, a in answers.items():
+        routing.specialist_usage[n] = Usage(
+            prompt_tokens=a["prompt_tokens"],
+            completion_tokens=a["completion_tokens"],
+            total_tokens=a["prompt_tokens"] + a["completion_tokens"],
+        )
+
+
 def routing_text(payload: dict[str, Any]) -> str:
     """What the router reads: the last user message of a chat, or the completion prompt."""
     if payload.get("messages"):
@@ -180,6 +190,15 @@ class Council:
         if not text.strip():
             raise CouncilError(400, "the prompt is empty: nothing to route")
         return self.policy.decide(self.router.score(text))
+
+    def _score(self, routing: Routing, name: str) -> float | None:
+        """A specialist's routing score: scores are keyed by router domain, which
+        router.domain_to_specialist may map onto a specialist of another name (best domain wins)."""
+        mine = [s for d, s in routing.scores.items() if self.policy.specialist_for(d) == name]
+        return max(mine) if mine else None
+
+    def _best(self, routing: Routing, answers: dict[str, dict]) -> str:
+        return max(answers, key=lambda n: self._score(routing, n) or 0.0)
 
     @staticmethod
     def _routing(decision: RoutingDecision) -> Routing:
@@ -246,6 +265,8 @@ class Council:
                     client_errors.append(res["error"]["message"])
             else:
                 answers[name] = res
+            if res.get("retries"):
+                routing.retried[name] = res["retries"]
         routing.used = list(answers)
         if not answers:
             if client_errors and len(client_errors) == len(results):
@@ -273,8 +294,7 @@ class Council:
         return {
             "query": routing_text(payload),
             "answers": [
-                {"domain": n, "text": a["text"], "weight": routing.scores.get(n, 1.0) or 1.0}
-                for n, a in answers.items()
+                {"domain": n, "text": a["text"], "weight": self._score(routing, n) or 1.0} for n, a in answers.items()
             ],
             "max_tokens": payload.get("max_tokens"),
         }
@@ -288,10 +308,13 @@ class Council:
             return CouncilAnswer(
                 only["text"], routing, prompt_tokens, spec_tokens, only["finish_reason"], only.get("logprobs")
             )
+        _record_specialist_usage(routing, answers)
         merged = await self._merge(self._merge_payload(payload, answers, routing), routing, answers)
         routing.merged = "merger" not in routing.failed
         routing.synthesis = merged.get("synthesis") if routing.merged else None
-        return CouncilAnswer(merged["text"], routing, prompt_tokens, spec_tokens + merged["completion_tokens"])
+        return CouncilAnswer(
+            merged["text"], routing, prompt_tokens, merged["completion_tokens"], merged.get("finish_reason", "stop")
+        )
 
     async def _merge(self, merge_payload: dict[str, Any], routing: Routing, answers: dict[str, dict]) -> dict:
         t0 = time.perf_counter()
@@ -301,8 +324,8 @@ class Council:
             # Without a merger the best single answer still serves the user.
             logger.warning("merger failed: %r", err)
             routing.failed["merger"] = describe_failure(err)
-            best = max(answers, key=lambda n: routing.scores.get(n, 0.0))
-            return {"text": answers[best]["text"], "completion_tokens": 0}
+            best = self._best(routing, answers)
+            return {k: answers[best][k] for k in ("text", "completion_tokens", "finish_reason")}
         finally:
             routing.timings_ms["merge"] = round((time.perf_counter() - t0) * 1000, 2)
 
@@ -316,6 +339,8 @@ class Council:
         source = self.specialists.stream(name, {**payload, "specialist": name})
         try:
             async for item in timed_stream(source, spec.ttft_timeout_s, spec.stall_timeout_s):
+                if item.get("retries"):
+                    routing.retried[name] = item["retries"]
                 if "error" in item:
                     kind, message = item["error"]["kind"], item["error"]["message"]
                     break
@@ -380,6 +405,7 @@ class Council:
             )
             return
         routing.merged = True
+        _record_specialist_usage(routing, answers)
         sent = False
         t0 = time.perf_counter()
         try:
@@ -391,8 +417,8 @@ class Council:
                         done=True,
                         routing=routing,
                         prompt_tokens=prompt_tokens,
-                        completion_tokens=spec_tokens + item["completion_tokens"],
-                        finish_reason="stop",
+                        completion_tokens=item["completion_tokens"],
+                        finish_reason=item.get("finish_reason", "stop"),
                     )
                     return
                 sent = sent or bool(item["text"])
@@ -401,17 +427,18 @@ class Council:
             logger.warning("merger stream failed: %r", err)
             routing.failed["merger"] = describe_failure(err)
         routing.merged = False
+        routing.failed.setdefault("merger", "engine: the merger's stream ended without a finish")
         if sent:  # part of a merged answer is out: end it, and say why
             yield StreamEvent(
                 done=True, routing=routing, finish_reason="length", error=f"merger failed: {routing.failed['merger']}"
             )
             return
-        best = max(answers, key=lambda n: routing.scores.get(n, 0.0))
+        best = self._best(routing, answers)
         yield StreamEvent(text=answers[best]["text"])
         yield StreamEvent(
             done=True,
             routing=routing,
             prompt_tokens=prompt_tokens,
-            completion_tokens=spec_tokens,
+            completion_tokens=answers[best]["completion_tokens"],
             finish_reason=answers[best]["finish_reason"],
         )

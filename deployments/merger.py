@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -87,6 +88,14 @@ def to_synthesis_request(payload: dict[str, Any]) -> SynthesisRequest:
     return SynthesisRequest(payload["query"], answers)
 
 
+def trained_t5(config: MergerConfig) -> str | None:
+    """The T5 that `consilium fusion train --mode lora|full` saved beside the merger weights, if any."""
+    if config.merger_weights is None:
+        return None
+    t5 = Path(config.merger_weights).expanduser() / "t5"
+    return str(t5) if (t5 / "config.json").is_file() else None
+
+
 class MergerService:
     """Holds the synthesizer; blocking work runs on one worker thread, off the event loop."""
 
@@ -99,7 +108,7 @@ class MergerService:
             return
         device = resolve_device(config.device)
         self.synth = Synthesizer.from_pretrained(
-            config.model,
+            trained_t5(config) or config.model,
             merger_path=config.merger_weights,
             device=device,
             dtype=resolve_dtype(config.dtype, device),
@@ -130,8 +139,13 @@ class MergerService:
         for key, idx in groups.items():
             reqs = [to_synthesis_request(payloads[i]) for i in idx]
             texts = await loop.run_in_executor(self._executor, lambda r=reqs, k=key: self.synth.generate(r, **dict(k)))
+            cap = dict(key)["max_new_tokens"]
             for i, text in zip(idx, texts, strict=True):
-                out[i] = {"text": text, "completion_tokens": self._count(text), "synthesis": "fusion"}
+                # The decoder's ids are not returned here: re-encoding the text estimates their count
+                # (the decoder cannot have written more than its cap).
+                n = min(self._count(text), cap)
+                finish = "length" if n >= cap - 1 else "stop"
+                out[i] = {"text": text, "completion_tokens": n, "finish_reason": finish, "synthesis": "fusion"}
         return [o for o in out if o is not None]
 
     async def synthesize(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +188,15 @@ class MergerService:
             final = await future
             if len(final) > emitted:
                 yield {"text": final[emitted:]}
-            yield {"text": "", "completion_tokens": self._count(final), "finish_reason": "stop", "synthesis": "fusion"}
+            # The streamed ids are exact: count them (an ending EOS is not part of the answer).
+            ended = bool(tokens) and tokens[-1] == self.synth.tokenizer.eos_token_id
+            n = len(tokens) - ended
+            yield {
+                "text": "",
+                "completion_tokens": n,
+                "finish_reason": "length" if not ended and n >= kwargs["max_new_tokens"] else "stop",
+                "synthesis": "fusion",
+            }
         finally:
             cancelled.set()
 

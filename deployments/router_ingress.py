@@ -11,16 +11,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import SecretStr, ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, Overloaded, StreamEvent
 from deployments.protocol import (
+    SEED_MAX,
+    BodyError,
     ChatCompletionRequest,
     CompletionRequest,
     RouteRequest,
@@ -29,36 +33,70 @@ from deployments.protocol import (
     error_body,
     new_id,
     now,
+    parse_json_body,
 )
 from router.model import RouterInputError
 
 logger = logging.getLogger(__name__)
 
 
+# A replica that died (SIGKILL, OOM, node loss) under a request: nothing of the answer reached the
+# client yet, so the request goes again; Serve routes it to another replica or the restarted one.
+# The back-off spans ~20 s: until Serve's controller notices the death, the handle may still pick the
+# dead replica and fail at once. The council's per-specialist timeout bounds it all for fan-outs.
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0, 8.0)
+
+
 class HandleSpecialists:
-    """SpecialistClient over Serve handles: specialist name -> its group's deployment."""
+    """SpecialistClient over Serve handles: specialist name -> its group's deployment.
+
+    Generation is idempotent, so a request whose replica died is retried (a stream only until its
+    first item: after that the client has text and the council ends it in-band). The number of
+    retries rides back on the result as "retries".
+    """
 
     def __init__(self, handles: dict[str, DeploymentHandle], group_of: dict[str, str]) -> None:
         self.handles, self.group_of = handles, group_of
 
     async def generate(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await self.handles[self.group_of[name]].generate.remote(payload)
-        except BackPressureError as err:  # this caller's queue for that deployment is full
-            raise Overloaded(err.message, err.retry_after_s) from None
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+            try:
+                result = await self.handles[self.group_of[name]].generate.remote(payload)
+                return {**result, "retries": attempt} if attempt else result
+            except BackPressureError as err:  # this caller's queue for that deployment is full
+                raise Overloaded(err.message, err.retry_after_s) from None
+            except REPLICA_GONE as err:
+                if delay is None:
+                    raise
+                logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        response = self.handles[self.group_of[name]].options(stream=True).stream.remote(payload)
-        finished = False
-        try:
-            async for item in response:
-                yield item
-            finished = True
-        except BackPressureError as err:
-            raise Overloaded(err.message, err.retry_after_s) from None
-        finally:
-            if not finished:  # consumer gone or timed out: cancel the replica's generator (frees its slot)
-                response.cancel()
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+            started = False
+            response = self.handles[self.group_of[name]].options(stream=True).stream.remote(payload)
+            finished = False
+            try:
+                async for item in response:
+                    if not started and attempt:
+                        item = {**item, "retries": attempt}
+                    started = True
+                    yield item
+                finished = True
+                return
+            except BackPressureError as err:
+                raise Overloaded(err.message, err.retry_after_s) from None
+            except REPLICA_GONE as err:
+                finished = True  # that replica is gone: nothing to cancel
+                if started or delay is None:
+                    raise
+                logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
+                await asyncio.sleep(delay)
+            finally:
+                if not finished:  # consumer gone or timed out: cancel the replica's generator (frees its slot)
+                    response.cancel()
 
 
 class HandleMerger:
@@ -82,7 +120,8 @@ def error_response(
     routing: dict | None = None,
     retry_after_s: float | None = None,
 ) -> JSONResponse:
-    body = error_body(message, type_, code, param)
+    # Error text may quote client input; escape what UTF-8 cannot carry rather than fail with a 500.
+    body = error_body(message.encode("utf-8", "backslashreplace").decode(), type_, code, param)
     if routing is not None:
         body["routing"] = routing
     # Retry-After takes whole seconds (RFC 9110); round up so a client never retries too early.
@@ -93,11 +132,44 @@ def error_response(
 def _validation_message(err: ValidationError | RequestValidationError) -> tuple[str, str | None]:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+    # param names the top-level field (what a client set); the message carries the full path.
+    path = ".".join(loc)
+    return (f"{path}: {first['msg']}" if path else first["msg"]), (loc[0] if loc else None)
 
 
-app = FastAPI(title="Consilium", description="A council of specialist language models, OpenAI-compatible.")
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its $defs substituted in place (OpenAPI resolves $ref from the document root)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def _body_doc(model: type) -> dict[str, Any]:
+    # Routes read the raw body (size limit, depth limit, strict JSON) before pydantic sees it; this
+    # puts the request schema in /openapi.json anyway, for clients and for schemathesis.
+    schema = _inline_refs(model.model_json_schema())
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+# /docs and /openapi.json are served by the ingress itself, behind the API key when auth is on.
+app = FastAPI(
+    title="Consilium",
+    description="A council of specialist language models, OpenAI-compatible.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+    redirect_slashes=False,  # "/v1/models/" is a 404 like any unknown path, not a 307 to follow
+)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -128,15 +200,20 @@ class RouterIngress:
         group_of = {s.name: g for g, members in self.config.groups().items() for s in members}
         self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
         self.token_limit = min(s.generation.max_new_tokens_limit for s in self.config.specialists)
+        self._api_key: SecretStr | None = self.config.server.read_api_key()
+        # Optional features the engines provide; the lead's merge turns them on (see docs/reliability.md).
+        self.supported: frozenset[str] = frozenset()
 
     # ---- request plumbing ----------------------------------------------------------------------------
 
     def _auth(self, request: Request) -> JSONResponse | None:
-        key = self.config.server.api_key
-        if key is None:
+        if self._api_key is None:
             return None
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = self._api_key.get_secret_value().encode()
+        # Compare in constant time whatever the scheme, so the timing says nothing about the key.
+        good = hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+        if not (good and scheme.lower() == "bearer"):
             return error_response(
                 401,
                 "missing or invalid API key (Authorization: Bearer ...)",
@@ -150,33 +227,52 @@ class RouterIngress:
         denied = self._auth(request)
         if denied is not None:
             return denied
-        limit = self.config.server.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            return error_response(
-                413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large"
-            )
-        raw = await request.body()
-        if len(raw) > limit:
-            return error_response(
-                413, f"request body is {len(raw)} bytes; the limit is {limit}", code="request_too_large"
-            )
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            media = ctype.split(";")[0].strip().lower()
+            if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+                return error_response(
+                    415,
+                    f"Content-Type {ctype[:80]!r} is not supported; send application/json",
+                    code="unsupported_media_type",
+                )
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return error_response(400, f"request body is not valid JSON: {err}")
-        if not isinstance(data, dict):
-            return error_response(400, f"request body must be a JSON object, got {type(data).__name__}")
+            raw = await self._read_limited(request)
+            data = parse_json_body(raw)
+        except BodyError as err:
+            code = "request_too_large" if err.status == 413 else None
+            return error_response(err.status, str(err), code=code, param=err.param)
         try:
-            return schema.model_validate(data)
+            req = schema.model_validate(data)
         except ValidationError as err:
             message, param = _validation_message(err)
             return error_response(400, message, param=param)
+        refused = req.refused_field(self.supported) if hasattr(req, "refused_field") else None
+        if refused is not None:
+            return error_response(400, refused[1], param=refused[0], code="unsupported_parameter")
+        return req
+
+    async def _read_limited(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes the limit, whether declared or sent chunked."""
+        limit = self.config.server.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise BodyError(f"Content-Length {declared[:40]!r} is not a byte count")
+            if int(declared) > limit:
+                raise BodyError(f"request body is {declared} bytes; the limit is {limit}", status=413)
+        buf = bytearray()
+        async for part in request.stream():
+            buf += part
+            if len(buf) > limit:  # a chunked body has no Content-Length: stop reading here, not at the end
+                raise BodyError(f"request body is over {limit} bytes; the limit is {limit}", status=413)
+        return bytes(buf)
 
     def _payload(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | JSONResponse:
         cap = req.token_cap()
         if cap is not None and cap > self.token_limit:
-            return error_response(400, f"max_tokens={cap} exceeds the limit of {self.token_limit}", param="max_tokens")
+            name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            return error_response(400, f"{name}={cap} exceeds the limit of {self.token_limit}", param=name)
         payload: dict[str, Any] = {
             "model": req.model,
             "temperature": req.temperature,
@@ -236,7 +332,13 @@ class RouterIngress:
                 return await self._streaming(payload, chat, req, deadline)
             # The whole request, fan-out and merge included, ends by the deadline; cancelling it cancels
             # the specialists' calls, which drops their rows from the engines at the next step.
-            result = await asyncio.wait_for(self.council.answer(payload), self.config.server.request_timeout_s)
+            if req.n == 1:
+                answers = [self.council.answer(payload)]
+            else:
+                # n choices are n independent council answers; a seed stays reproducible per choice.
+                seeds = [None if req.seed is None else (req.seed + i) % (SEED_MAX + 1) for i in range(req.n)]
+                answers = [self.council.answer({**payload, "seed": sd}) for sd in seeds]
+            results = await asyncio.wait_for(asyncio.gather(*answers), self.config.server.request_timeout_s)
         except asyncio.TimeoutError:
             return self._deadline_error()
         except CouncilError as err:
@@ -244,36 +346,41 @@ class RouterIngress:
         except RouterInputError as err:
             return error_response(400, str(err))
         model = payload["model"]
+        completion = sum(r.completion_tokens for r in results)
         usage = {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens": results[0].prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": results[0].prompt_tokens + completion,
         }
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-                "logprobs": chat_logprobs(result.logprobs),
-            }
-            obj, prefix = "chat.completion", "chatcmpl"
-        else:
-            choice = {
-                "index": 0,
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                "logprobs": completion_logprobs(result.logprobs),
-            }
-            obj, prefix = "text_completion", "cmpl"
-        return {
-            "id": new_id(prefix),
-            "object": obj,
+        choices = []
+        for i, result in enumerate(results):
+            if chat:
+                choice = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": chat_logprobs(result.logprobs),
+                }
+            else:
+                choice = {
+                    "index": i,
+                    "text": result.text,
+                    "finish_reason": result.finish_reason,
+                    "logprobs": completion_logprobs(result.logprobs),
+                }
+            choices.append(choice)
+        body = {
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
             "created": now(),
             "model": model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage,
-            "routing": result.routing.model_dump(),
+            "routing": results[0].routing.model_dump(),
         }
+        if len(results) > 1:
+            body["routings"] = [r.routing.model_dump() for r in results]
+        return body
 
     def _deadline_error(self) -> JSONResponse:
         limit = self.config.server.request_timeout_s
@@ -294,7 +401,18 @@ class RouterIngress:
         cid, created, model = new_id("chatcmpl" if chat else "cmpl"), now(), payload["model"]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+        def frame(body: dict[str, Any]) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
         def chunk(ev: StreamEvent, role: bool = False) -> str:
+            prefix = ""
+            if ev.error is not None:
+                # finish_reason has no "error" in OpenAI's API: an error event (the openai client raises it
+                # as APIError) says the answer is incomplete and why; a final chunk with a valid
+                # finish_reason still follows for clients that read the raw events.
+                err_body = error_body(ev.error, "server_error", code="stream_interrupted")
+                err_body["routing"] = ev.routing.model_dump() if ev.routing else None
+                prefix = frame(err_body)
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ev.text} if role else {"content": ev.text}
                 if ev.done:
@@ -316,20 +434,24 @@ class RouterIngress:
                 offset[0] += len(ev.text)
                 obj = "text_completion"
             body: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None  # OpenAI: null on every chunk but the extra last one
             if ev.done:
                 body["routing"] = ev.routing.model_dump() if ev.routing else None
-                if include_usage:
-                    body["usage"] = {
-                        "prompt_tokens": ev.prompt_tokens,
-                        "completion_tokens": ev.completion_tokens,
-                        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-                    }
-            return f"data: {json.dumps(body)}\n\n"
+            out = frame(body)
+            if ev.done and include_usage:
+                usage = {
+                    "prompt_tokens": ev.prompt_tokens,
+                    "completion_tokens": ev.completion_tokens,
+                    "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+                }
+                out += frame({**body, "choices": [], "usage": usage})
+            return prefix + out
 
         offset = [0]  # completions' text_offset counts characters across chunks
 
         def error_event(message: str, type_: str, code: str | None) -> str:
-            return f"data: {json.dumps(error_body(message, type_, code))}\n\n"
+            return frame(error_body(message, type_, code))
 
         async def sse() -> AsyncIterator[str]:
             ev = first
@@ -337,8 +459,6 @@ class RouterIngress:
             try:
                 while not ev.done:
                     ev = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.monotonic()))
-                    if ev.done and ev.error:  # ended early: a clear error event, then a valid final chunk
-                        yield error_event(ev.error, "service_unavailable", "stream_interrupted")
                     yield chunk(ev)
             except StopAsyncIteration:
                 pass
@@ -348,7 +468,7 @@ class RouterIngress:
                 yield chunk(StreamEvent(done=True, finish_reason="length"))
             except Exception as err:  # headers are sent: report in-band, then end the stream cleanly
                 logger.warning("stream failed: %r", err)
-                yield error_event(str(err), "server_error", None)
+                yield error_event(f"the answer was interrupted: {err}"[:500], "server_error", "stream_interrupted")
                 yield chunk(StreamEvent(done=True, finish_reason="length"))
             finally:
                 await events.aclose()  # client gone or done: cancel whatever still runs upstream
@@ -358,15 +478,28 @@ class RouterIngress:
 
     # ---- routes --------------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
         return await self._complete(request, ChatCompletionRequest, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_doc(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         return await self._complete(request, CompletionRequest, chat=False)
 
-    @app.post("/v1/route")
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Any:
+        denied = self._auth(request)
+        return denied if denied is not None else app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Any:
+        denied = self._auth(request)
+        if denied is not None:
+            return denied
+        html: HTMLResponse = get_swagger_ui_html(openapi_url="openapi.json", title="Consilium API")
+        return html
+
+    @app.post("/v1/route", openapi_extra=_body_doc(RouteRequest))
     async def route(self, request: Request) -> Any:
         req = await self._body(request, RouteRequest)
         if isinstance(req, JSONResponse):

@@ -52,7 +52,9 @@ def fault_args(zoo: Path) -> dict:
         if spec["name"] != "medical":  # the injected faulty ones; the real one keeps its generous timeout
             spec["timeout_s"] = 2
     args["router"].update(top_k=3, thresholds={"medical": 0.0, "code": 0.0, "general": 0.0})
-    args["server"]["api_key"] = API_KEY
+    key_file = zoo / "api-key.txt"  # a secret file, as a mounted secret would be; never a plain arg
+    key_file.write_text(API_KEY + "\n")
+    args["server"]["api_key_file"] = str(key_file)
     return args
 
 
@@ -128,8 +130,10 @@ def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    # OpenAI's include_usage: usage is null on every chunk but an extra last one with no choices.
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_completions_streamed_and_not(client: openai.OpenAI) -> None:
