@@ -201,8 +201,8 @@ class RouterIngress:
         self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
         self.token_limit = min(s.generation.max_new_tokens_limit for s in self.config.specialists)
         self._api_key: SecretStr | None = self.config.server.read_api_key()
-        # Optional features the engines provide; the lead's merge turns them on (see docs/reliability.md).
-        self.supported: frozenset[str] = frozenset()
+        # Optional OpenAI features every engine provides (HF and vLLM both report logprobs).
+        self.supported: frozenset[str] = frozenset({"logprobs"})
 
     # ---- request plumbing ----------------------------------------------------------------------------
 
