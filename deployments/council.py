@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from deployments import metrics
 from deployments.config import GraphConfig
 from deployments.protocol import Routing
 from router.model import TinyAda, shipped_router_path
@@ -136,7 +137,22 @@ class Council:
             return self.policy.pin(model)
         if not text.strip():
             raise CouncilError(400, "the prompt is empty: nothing to route")
-        return self.policy.decide(self.router.score(text))
+        t0 = time.perf_counter()
+        decision = self.policy.decide(self.router.score(text))
+        metrics.routing_latency((time.perf_counter() - t0) * 1000)
+        return decision
+
+    def _decide_and_count(self, payload: dict[str, Any]) -> RoutingDecision:
+        """decide() for a request that will be served: counted in the routing metrics and logged."""
+        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        metrics.decision(decision.specialists, decision.scores, decision.fell_back, decision.pinned)
+        logger.info(
+            "route model=%s -> %s%s",
+            payload.get("model", "auto"),
+            decision.specialists,
+            " (pinned)" if decision.pinned else " (fallback)" if decision.fell_back else "",
+        )
+        return decision
 
     @staticmethod
     def _routing(decision: RoutingDecision) -> Routing:
@@ -151,14 +167,21 @@ class Council:
         timeout = self.config.specialist(name).timeout_s
         t0 = time.perf_counter()
         try:
-            return await asyncio.wait_for(self.specialists.generate(name, {**payload, "specialist": name}), timeout)
+            res = await asyncio.wait_for(self.specialists.generate(name, {**payload, "specialist": name}), timeout)
         except asyncio.TimeoutError:
+            metrics.specialist_failure(name, "timeout")
             return {"error": {"kind": "timeout", "message": f"no answer within {timeout:g}s"}}
         except Exception as err:  # a dead replica, a crashed engine: degrade, never fail the request
             logger.warning("specialist %s failed: %r", name, err)
+            metrics.specialist_failure(name, metrics.failure_reason(err))
             return {"error": {"kind": "engine", "message": describe_failure(err)}}
         finally:
             timings[name] = round((time.perf_counter() - t0) * 1000, 2)
+        if "error" not in res:
+            metrics.specialist_call(name, timings[name], res.get("completion_tokens", 0))
+        elif res["error"]["kind"] != "invalid_request":  # a client mistake is not a specialist failure
+            metrics.specialist_failure(name, "error")
+        return res
 
     async def fan_out(self, decision: RoutingDecision, payload: dict[str, Any]) -> tuple[dict[str, dict], Routing]:
         """Call every chosen specialist in parallel; split answers from failures."""
@@ -196,10 +219,11 @@ class Council:
                 for n, a in answers.items()
             ],
             "max_tokens": payload.get("max_tokens"),
+            "request_id": payload.get("request_id"),
         }
 
     async def answer(self, payload: dict[str, Any]) -> CouncilAnswer:
-        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        decision = self._decide_and_count(payload)
         answers, routing = await self.fan_out(decision, payload)
         prompt_tokens, spec_tokens = _usage(answers)
         if len(answers) == 1:
@@ -207,6 +231,10 @@ class Council:
             return CouncilAnswer(only["text"], routing, prompt_tokens, spec_tokens, only["finish_reason"])
         merged = await self._merge(self._merge_payload(payload, answers, routing), routing, answers)
         routing.merged = "merger" not in routing.failed
+        metrics.merge(routing.merged)
+        metrics.generated("merger", merged["completion_tokens"])
+        if routing.merged:
+            routing.answers = {n: a["text"] for n, a in answers.items()}
         return CouncilAnswer(merged["text"], routing, prompt_tokens, spec_tokens + merged["completion_tokens"])
 
     async def _merge(self, merge_payload: dict[str, Any], routing: Routing, answers: dict[str, dict]) -> dict:
@@ -234,6 +262,7 @@ class Council:
                     break
                 if item.get("finish_reason"):
                     routing.used = [name]
+                    metrics.generated(name, item.get("completion_tokens", 0))
                     if item.get("text"):
                         yield StreamEvent(text=item["text"])
                     yield StreamEvent(
@@ -251,6 +280,10 @@ class Council:
         except Exception as err:  # a dead replica: degrade to a clear error, never a 500
             logger.warning("specialist %s stream failed: %r", name, err)
             kind, message = "engine", describe_failure(err)
+            metrics.specialist_failure(name, metrics.failure_reason(err))
+        else:
+            if kind != "invalid_request":
+                metrics.specialist_failure(name, "error")
         routing.failed[name] = f"{kind}: {message}"
         if not sent:
             if kind == "invalid_request":
@@ -266,7 +299,7 @@ class Council:
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
         """One specialist: its tokens straight through. Several: fan out, then stream the merger."""
-        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        decision = self._decide_and_count(payload)
         if len(decision.specialists) == 1:
             async for event in self._stream_one(decision, payload):
                 yield event
@@ -291,6 +324,9 @@ class Council:
             async for item in self.merger.stream(self._merge_payload(payload, answers, routing)):
                 if "completion_tokens" in item:
                     routing.timings_ms["merge"] = round((time.perf_counter() - t0) * 1000, 2)
+                    metrics.merge(True)
+                    metrics.generated("merger", item["completion_tokens"])
+                    routing.answers = {n: a["text"] for n, a in answers.items()}
                     yield StreamEvent(
                         done=True,
                         routing=routing,
@@ -305,6 +341,7 @@ class Council:
             logger.warning("merger stream failed: %r", err)
             routing.failed["merger"] = describe_failure(err)
         routing.merged = False
+        metrics.merge(False)
         if sent:  # part of a merged answer is out: end it, and say why
             yield StreamEvent(done=True, routing=routing, finish_reason="error")
             return

@@ -92,6 +92,7 @@ class Routing(BaseModel):
     pinned: bool = False
     merged: bool = False
     timings_ms: dict[str, float] = Field(default_factory=dict)  # per specialist, "fan_out" wall time, "merge"
+    answers: dict[str, str] | None = None  # merged responses only: each specialist's own answer, by name
 
 
 def new_id(prefix: str) -> str:

@@ -3,25 +3,28 @@
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments import metrics
 from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, StreamEvent
+from deployments.logging_setup import configure_logging
+from deployments.middleware import RequestContextMiddleware
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RouteRequest,
     error_body,
-    new_id,
     now,
 )
 from router.model import RouterInputError
@@ -77,6 +80,7 @@ def _validation_message(err: ValidationError | RequestValidationError) -> tuple[
 
 
 app = FastAPI(title="Consilium", description="A council of specialist language models, OpenAI-compatible.")
+app.add_middleware(RequestContextMiddleware)  # X-Request-Id in/out, request metrics, access log
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -103,6 +107,8 @@ class RouterIngress:
     def __init__(
         self, config: dict[str, Any], specialists: dict[str, DeploymentHandle], merger: DeploymentHandle
     ) -> None:
+        configure_logging()
+        metrics.enable()
         self.config = GraphConfig.model_validate(config)
         group_of = {s.name: g for g, members in self.config.groups().items() for s in members}
         self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
@@ -147,10 +153,12 @@ class RouterIngress:
         if not isinstance(data, dict):
             return error_response(400, f"request body must be a JSON object, got {type(data).__name__}")
         try:
-            return schema.model_validate(data)
+            parsed = schema.model_validate(data)
         except ValidationError as err:
             message, param = _validation_message(err)
             return error_response(400, message, param=param)
+        request.state.model_label = metrics.model_label(getattr(parsed, "model", None), self.council.names)
+        return parsed
 
     def _payload(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | JSONResponse:
         cap = req.token_cap()
@@ -203,9 +211,10 @@ class RouterIngress:
         payload = self._payload(req)
         if isinstance(payload, JSONResponse):
             return payload
+        payload["request_id"] = rid = request.state.request_id  # every specialist and the merger get it
         try:
             if req.stream:
-                return await self._streaming(payload, chat, req)
+                return await self._streaming(payload, chat, req, request.state.t0)
             result = await self.council.answer(payload)
         except CouncilError as err:
             return self._council_error(err)
@@ -223,12 +232,12 @@ class RouterIngress:
                 "message": {"role": "assistant", "content": result.text},
                 "finish_reason": result.finish_reason,
             }
-            obj, prefix = "chat.completion", "chatcmpl"
+            obj = "chat.completion"
         else:
             choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
-            obj, prefix = "text_completion", "cmpl"
+            obj = "text_completion"
         return {
-            "id": new_id(prefix),
+            "id": rid,
             "object": obj,
             "created": now(),
             "model": model,
@@ -237,14 +246,16 @@ class RouterIngress:
             "routing": result.routing.model_dump(),
         }
 
-    async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any) -> Any:
+    async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any, t0: float) -> Any:
         events = self.council.stream(payload)
         # Pull the first event before answering, so routing and specialist errors still get a status code.
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
             return error_response(503, "no answer was produced", type_="service_unavailable")
-        cid, created, model = new_id("chatcmpl" if chat else "cmpl"), now(), payload["model"]
+        cid, created, model = payload["request_id"], now(), payload["model"]
+        label = metrics.model_label(model, self.council.names)
+        last = t0
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(ev: StreamEvent, role: bool = False) -> str:
@@ -273,11 +284,21 @@ class RouterIngress:
                     }
             return f"data: {json.dumps(body)}\n\n"
 
+        def timed(ev: StreamEvent) -> None:
+            # Time to first token, then the gap between text chunks (about one token each).
+            nonlocal last
+            if ev.text:
+                t = time.perf_counter()
+                (metrics.first_token if last == t0 else metrics.inter_token)(label, (t - last) * 1000)
+                last = t
+
         async def sse() -> AsyncIterator[str]:
+            timed(first)
             yield chunk(first, role=True)
             if not first.done:
                 try:
                     async for ev in events:
+                        timed(ev)
                         yield chunk(ev)
                 except Exception as err:  # headers are sent: report in-band, then end the stream cleanly
                     logger.warning("stream failed: %r", err)
@@ -324,6 +345,12 @@ class RouterIngress:
             "object": "list",
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "consilium"} for n in names],
         }
+
+    @app.get("/", include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        from deployments.web import playground_html
+
+        return HTMLResponse(playground_html())
 
     @app.get("/health")
     async def health(self) -> Any:

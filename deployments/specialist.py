@@ -10,8 +10,10 @@ from typing import Any
 
 from ray import serve
 
+from deployments import metrics
 from deployments.config import SpecialistConfig
 from deployments.engines.base import Engine, EngineInputError, GenerationRequest, SamplingParams
+from deployments.logging_setup import configure_logging, set_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +131,16 @@ class SpecialistDeployment:
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.01,
     ) -> None:
+        configure_logging()
+        metrics.enable()
         configs = [SpecialistConfig.model_validate(m) for m in members]
         self.group = SpecialistGroup(configs, engine_cls)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        set_request_id(payload.get("request_id"))  # this request's task only: log lines carry the id
+        logger.info("generate for %s", payload.get("specialist"))
         prepared = self.group.prepare(payload)
         if isinstance(prepared, dict):
             return prepared
@@ -145,6 +151,8 @@ class SpecialistDeployment:
         return await self.group.generate_many(requests)
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        set_request_id(payload.get("request_id"))
+        logger.info("stream for %s", payload.get("specialist"))
         async for item in self.group.stream(payload):
             yield item
 

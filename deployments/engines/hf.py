@@ -20,6 +20,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from deployments import metrics
 from deployments.config import EngineConfig
 from deployments.engines.base import (
     EngineInputError,
@@ -141,6 +142,7 @@ class HFEngine:
         # One generate at a time per model: throughput comes from batching, not threads.
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self.load = metrics.EngineLoad()  # running batch / waiting queue gauges (no-op outside Serve)
         logger.info(
             "loaded %s on %s (%s, quantization=%s, adapters=%s) in %.1fs",
             config.model,
@@ -256,7 +258,17 @@ class HFEngine:
 
     async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.generate_batch_sync, list(requests))
+        n = len(requests)
+        self.load.change(waiting=n)
+
+        def run() -> list[GenerationResult]:
+            self.load.change(running=n, waiting=-n)
+            try:
+                return self.generate_batch_sync(list(requests))
+            finally:
+                self.load.change(running=-n)
+
+        return await loop.run_in_executor(self._executor, run)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         """Yield text deltas as tokens arrive; they concatenate to what `generate` returns."""
@@ -271,11 +283,14 @@ class HFEngine:
             loop.call_soon_threadsafe(queue.put_nowait, t)
 
         def run() -> int:
+            self.load.change(running=1, waiting=-1)
             try:
                 return self._stream_worker(request, ids, on_token, cancel)
             finally:
+                self.load.change(running=-1)
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
+        self.load.change(waiting=1)
         future = loop.run_in_executor(self._executor, run)
         tokens: list[int] = []
         emitted = 0
