@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ZOO    := .zoo
 
-.PHONY: install serve test lint zoo clean
+.PHONY: install serve test lint zoo clean browser
 
 # torch is pinned to the local CPU build first: an unpinned torch would pull gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -25,7 +25,14 @@ zoo: $(ZOO)/zoo.json
 serve: zoo
 	$(VENV)/bin/consilium serve configs/tiny.yaml
 
-test: install
+# The playground test drives Debian's chromium through chromium-driver: installed here when missing and
+# we are root (CI); otherwise that one test skips and says why.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q tests
 
 lint: install

@@ -60,7 +60,7 @@ class RequestContextMiddleware:
                 metrics.request(endpoint, model, status)
                 if status == 503 and any(k.lower() == b"retry-after" for k, _ in headers):
                     metrics.backpressure(endpoint)
-                logger.info(
+                logger.debug(  # Serve's access log has the same line at INFO, without the model
                     "%s %s -> %d in %.1f ms (model=%s)",
                     scope.get("method"),
                     scope.get("path"),
