@@ -1,4 +1,7 @@
-"""Metrics, request ids and logs on a real Ray Serve instance: scrape Ray's Prometheus endpoint after known traffic."""
+"""Metrics, request ids, logs and the playground on one real Ray Serve instance (auth on, JSON logs).
+
+One cluster serves every test here: starting Serve costs far more than the tests themselves.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -16,6 +20,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"  # gitignored; screenshots land here
+API_KEY = "observability-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MEDICAL = "What are the early symptoms of hypertension?"  # routes to medical alone
 TWO_DOMAIN = "Write a Python script that parses patient records and flags patients with diabetes."
 
@@ -106,14 +113,13 @@ def wait_for(port: int, expected: dict[tuple, float], timeout_s: float = 30) -> 
         time.sleep(0.5)
 
 
-pytestmark = pytest.mark.serve
-
-
 @pytest.fixture(scope="module")
 def served(zoo: Path, monkeypatch_module) -> Iterator[dict]:
     monkeypatch_module.setenv("CONSILIUM_LOG_FORMAT", "json")  # read when the graph is built
+    args = small_graph_args(zoo, hanging_general=True)
+    args["server"]["api_key"] = API_KEY  # the playground must work with auth on
     faults = {"general": "deployments.engines.faults:HangingEngine"}
-    with serve_graph(small_graph_args(zoo, hanging_general=True), faults) as (url, metrics_port, logs):
+    with serve_graph(args, faults) as (url, metrics_port, logs):
         yield {"url": url, "metrics_port": metrics_port, "logs": logs}
 
 
@@ -125,9 +131,10 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
 
 def chat(url: str, model: str, prompt: str, **kw) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 6, "temperature": 0}
-    return httpx.post(f"{url}/v1/chat/completions", json={**body, **kw}, timeout=60)
+    return httpx.post(f"{url}/v1/chat/completions", json={**body, **kw}, headers=AUTH, timeout=60)
 
 
+@pytest.mark.serve
 def test_metrics_count_known_traffic(served: dict) -> None:
     url, port = served["url"], served["metrics_port"]
     for _ in range(3):
@@ -140,6 +147,7 @@ def test_metrics_count_known_traffic(served: dict) -> None:
         "POST",
         f"{url}/v1/chat/completions",
         json={"model": "medical", "messages": [{"role": "user", "content": MEDICAL}], "max_tokens": 6, "stream": True},
+        headers=AUTH,
         timeout=60,
     ) as r:
         assert r.status_code == 200
@@ -189,13 +197,14 @@ def test_metrics_count_known_traffic(served: dict) -> None:
             assert not any(MEDICAL in v or len(v) > 64 for k, v in lab.items() if k not in ("SessionName", "WorkerId"))
 
 
+@pytest.mark.serve
 def test_request_id_round_trip_and_logs(served: dict) -> None:
     url, logs = served["url"], served["logs"]
     rid = "obs-test-7f3a9c"
     r = httpx.post(
         f"{url}/v1/chat/completions",
         json={"model": "auto", "messages": [{"role": "user", "content": TWO_DOMAIN}], "max_tokens": 6},
-        headers={"X-Request-Id": rid},
+        headers={"X-Request-Id": rid, **AUTH},
         timeout=60,
     )
     assert r.status_code == 200
@@ -208,13 +217,15 @@ def test_request_id_round_trip_and_logs(served: dict) -> None:
         "POST",
         f"{url}/v1/chat/completions",
         json={"model": "code", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True},
-        headers={"X-Request-Id": rid + "-s"},
+        headers={"X-Request-Id": rid + "-s", **AUTH},
         timeout=60,
     ) as s:
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert chunks and all(c["id"] == rid + "-s" for c in chunks)
     # Without one, the service makes one, returns it and uses it as the id.
-    made = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    made = httpx.post(
+        f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=AUTH, timeout=60
+    )
     assert made.json()["id"] == made.headers["x-request-id"] and made.headers["x-request-id"]
     bad = httpx.post(f"{url}/v1/models", headers={"X-Request-Id": "bad id with spaces"})
     assert bad.status_code == 400 and "X-Request-Id" in bad.json()["error"]["message"]
@@ -247,6 +258,97 @@ def test_request_id_round_trip_and_logs(served: dict) -> None:
 def _deployment(log_name: str) -> str:
     # replica_<app>_<deployment>_<replica id>.log
     return log_name.removeprefix("replica_obs_").rsplit("_", 1)[0]
+
+
+# ---- the playground in a real headless browser (Debian chromium + chromium-driver, selenium) ----------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (`make test` installs them when run as root)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1500"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.serve
+def test_page_is_served_at_root(served: dict) -> None:
+    r = httpx.get(f"{served['url']}/")  # the page itself needs no key; the API it calls does
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "<script>" in r.text and "http://" not in r.text.split("<script>")[1]  # no CDN, nothing external
+
+
+@pytest.mark.serve
+def test_playground_streams_and_shows_routing(served: dict, browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    browser.get(f"{served['url']}/")
+    # Without the key the model list is refused; with it the picker fills with auto + every specialist.
+    wait.until(lambda d: "API key" in d.find_element(By.ID, "status").text)
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys(API_KEY)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) > 1)
+    assert [o.text for o in Select(browser.find_element(By.ID, "model")).options] == [
+        "auto",
+        "medical",
+        "code",
+        "general",
+    ]
+    assert browser.execute_script("return sessionStorage.getItem('consilium.apiKey')") == API_KEY
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("24")
+
+    browser.find_element(By.ID, "prompt").send_keys(TWO_DOMAIN)
+    browser.find_element(By.ID, "send").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant .routing")))
+    answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+    text = answer.find_element(By.CSS_SELECTOR, ".text").text
+    # The page parsed several server-sent events and rendered each as it came (they concatenate to the text).
+    assert int(answer.get_attribute("data-chunks")) >= 2
+    assert text and "error" not in answer.get_attribute("class")
+    # Scores as bars, one per domain, and the two chosen specialists merged, each answer beside the synthesis.
+    domains = {e.get_attribute("data-domain") for e in answer.find_elements(By.CSS_SELECTOR, ".score")}
+    assert domains == {"medical", "code", "general"}
+    chips = [e.text for e in answer.find_elements(By.CSS_SELECTOR, ".chips span")]
+    assert {"used: medical", "used: code", "merged"} <= set(chips)
+    columns = [e.text.split("\n")[0] for e in answer.find_elements(By.CSS_SELECTOR, ".answers > div")]
+    assert columns == ["medical", "code", "synthesis"] or columns == ["code", "medical", "synthesis"]
+    assert "fan_out" in answer.find_element(By.CSS_SELECTOR, "table.timings").text
+
+    # Pin a specialist: only it answers, and the panel says so.
+    Select(browser.find_element(By.ID, "model")).select_by_value("code")
+    browser.find_element(By.ID, "prompt").send_keys(MEDICAL)
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .routing")) == 2)
+    pinned = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+    chips = [e.text for e in pinned.find_elements(By.CSS_SELECTOR, ".chips span")]
+    assert "pinned" in chips and "used: code" in chips and "used: medical" not in chips
+    assert "assistant · code" in pinned.find_element(By.CSS_SELECTOR, ".who").text
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.execute_script("window.scrollTo(0, 0)")
+    for path in (tmp_path / "playground.png", ARTIFACTS / "playground.png"):
+        assert browser.save_screenshot(str(path))
+    assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
 
 
 # ---- pieces that need no cluster -----------------------------------------------------------------------
