@@ -6,7 +6,7 @@ ZOO    := .zoo
 BUILD  := .build
 SMOL   := $(BUILD)/smollm2-135m-instruct
 
-.PHONY: install serve serve-zoo embedded adapters test lint zoo clean
+.PHONY: install serve serve-zoo embedded adapters test lint zoo clean browser
 
 # torch is pinned to the local CPU build first: an unpinned torch would pull gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -44,7 +44,14 @@ serve-zoo: zoo
 adapters: embedded
 	scripts/train_embedded_adapters.sh
 
-test: install
+# The playground test drives Debian's chromium through chromium-driver: installed here when missing and
+# we are root (CI); otherwise that one test skips and says why.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q tests
 
 lint: install

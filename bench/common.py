@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def percentile(xs: list[float], q: float) -> float:
-    """q-th percentile (0..100) by linear interpolation."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """q-th percentile (0..100), linear interpolation (numpy's default); NaN for no samples."""
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 def summarize_ms(samples_s: list[float]) -> dict[str, float]:
-    ms = [x * 1000 for x in samples_s]
-    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms)}
+    ms = np.asarray(samples_s) * 1000
+    p50, p99 = np.percentile(ms, [50, 99])
+    return {"p50_ms": float(p50), "p99_ms": float(p99), "mean_ms": float(ms.mean())}
 
 
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:

@@ -60,7 +60,7 @@ def main() -> None:
         {"metric": "held-out exact match", "value": report.exact_match, "target": "-"},
     ]
     print_table(f"tiny ada router ({len(heldout)} held-out prompts from unseen templates)", rows)
-    print("saved", save("router", rows))
+    print("saved", save("router", rows, latency_ms=lat))  # raw samples: bench/plot.py draws the histogram
 
 
 if __name__ == "__main__":

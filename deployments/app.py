@@ -10,6 +10,7 @@ from ray.serve import Application
 
 from deployments.config import ConfigError, GraphConfig, parse_graph_config
 from deployments.council import load_router
+from deployments.logging_setup import serve_logging_options
 from deployments.merger import MergerDeployment
 from deployments.router_ingress import RouterIngress
 from deployments.specialist import SpecialistDeployment
@@ -52,14 +53,19 @@ def build_graph(config: GraphConfig, engine_overrides: dict[str, str | type] | N
         load_router(config)  # domains must map onto specialists: fail at build time, not per request
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"invalid config: router: {err}") from None
+    log_opts = serve_logging_options()  # CONSILIUM_LOG_FORMAT=json: every replica logs JSON lines
     handles = {}
     for group, members in config.groups().items():
         opts = members[0].deployment
-        handles[group] = SpecialistDeployment.options(name=f"specialist-{group}", **opts.serve_options()).bind(
+        handles[group] = SpecialistDeployment.options(
+            name=f"specialist-{group}", **opts.serve_options(), **log_opts
+        ).bind(
             [m.model_dump() for m in members],
             (engine_overrides or {}).get(group),
         )
-    merger = MergerDeployment.options(**config.merger.deployment.serve_options()).bind(config.merger.model_dump())
-    ingress = RouterIngress.options(name="router", **config.server.deployment.serve_options())
+    merger = MergerDeployment.options(**config.merger.deployment.serve_options(), **log_opts).bind(
+        config.merger.model_dump()
+    )
+    ingress = RouterIngress.options(name="router", **config.server.deployment.serve_options(), **log_opts)
     logger.info("graph: %d specialist deployment(s) %s, merger, router", len(handles), sorted(handles))
     return ingress.bind(config.model_dump(), handles, merger)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from deployments import metrics
 from deployments.config import GraphConfig
 from deployments.protocol import Routing, Usage
 from router.model import TinyAda, shipped_router_path
@@ -189,7 +190,22 @@ class Council:
             return self.policy.pin(model)
         if not text.strip():
             raise CouncilError(400, "the prompt is empty: nothing to route")
-        return self.policy.decide(self.router.score(text))
+        t0 = time.perf_counter()
+        decision = self.policy.decide(self.router.score(text))
+        metrics.routing_latency((time.perf_counter() - t0) * 1000)
+        return decision
+
+    def _decide_and_count(self, payload: dict[str, Any]) -> RoutingDecision:
+        """decide() for a request that will be served: counted in the routing metrics and logged."""
+        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        metrics.decision(decision.specialists, decision.scores, decision.fell_back, decision.pinned)
+        logger.info(
+            "route model=%s -> %s%s",
+            payload.get("model", "auto"),
+            decision.specialists,
+            " (pinned)" if decision.pinned else " (fallback)" if decision.fell_back else "",
+        )
+        return decision
 
     def _score(self, routing: Routing, name: str) -> float | None:
         """A specialist's routing score: scores are keyed by router domain, which
@@ -233,18 +249,27 @@ class Council:
             # When the client streams, read the specialists' streams too: a stalled one is caught by its
             # stall timeout (seconds) instead of waiting out the whole timeout_s.
             call = self._collect_stream(name, sent) if streamed else self.specialists.generate(name, sent)
-            return await asyncio.wait_for(call, timeout)
+            res = await asyncio.wait_for(call, timeout)
         except asyncio.TimeoutError:
+            metrics.specialist_failure(name, "timeout")
             return {"error": {"kind": "timeout", "message": f"no answer within {timeout:g}s"}}
         except StreamTimeout as err:
+            metrics.specialist_failure(name, "timeout")
             return {"error": {"kind": "timeout", "message": str(err)}}
         except Overloaded as err:
+            metrics.specialist_failure(name, "overloaded")
             return {"error": {"kind": "overloaded", "message": str(err), "retry_after_s": err.retry_after_s}}
         except Exception as err:  # a dead replica, a crashed engine: degrade, never fail the request
             logger.warning("specialist %s failed: %r", name, err)
+            metrics.specialist_failure(name, metrics.failure_reason(err))
             return {"error": {"kind": "engine", "message": describe_failure(err)}}
         finally:
             timings[name] = round((time.perf_counter() - t0) * 1000, 2)
+        if "error" not in res:
+            metrics.specialist_call(name, timings[name], res.get("completion_tokens", 0))
+        elif res["error"]["kind"] != "invalid_request":  # a client mistake is not a specialist failure
+            metrics.specialist_failure(name, "error")
+        return res
 
     async def fan_out(
         self, decision: RoutingDecision, payload: dict[str, Any], streamed: bool = False
@@ -297,10 +322,11 @@ class Council:
                 {"domain": n, "text": a["text"], "weight": self._score(routing, n) or 1.0} for n, a in answers.items()
             ],
             "max_tokens": payload.get("max_tokens"),
+            "request_id": payload.get("request_id"),
         }
 
     async def answer(self, payload: dict[str, Any]) -> CouncilAnswer:
-        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        decision = self._decide_and_count(payload)
         answers, routing = await self.fan_out(decision, payload)
         prompt_tokens, spec_tokens = _usage(answers)
         if len(answers) == 1:
@@ -312,6 +338,10 @@ class Council:
         merged = await self._merge(self._merge_payload(payload, answers, routing), routing, answers)
         routing.merged = "merger" not in routing.failed
         routing.synthesis = merged.get("synthesis") if routing.merged else None
+        metrics.merge(routing.merged)
+        metrics.generated("merger", merged["completion_tokens"])
+        if routing.merged:
+            routing.answers = {n: a["text"] for n, a in answers.items()}
         return CouncilAnswer(
             merged["text"], routing, prompt_tokens, merged["completion_tokens"], merged.get("finish_reason", "stop")
         )
@@ -346,6 +376,7 @@ class Council:
                     break
                 if item.get("finish_reason"):
                     routing.used = [name]
+                    metrics.generated(name, item.get("completion_tokens", 0))
                     if item.get("text") or item.get("logprobs"):
                         yield StreamEvent(text=item["text"], logprobs=item.get("logprobs"))
                     yield StreamEvent(
@@ -362,11 +393,17 @@ class Council:
                 kind, message = "engine", "the stream ended without a finish reason"
         except StreamTimeout as err:
             kind, message = "timeout", str(err)
+            metrics.specialist_failure(name, "timeout")
         except Overloaded as err:
             kind, message, retry_after = "overloaded", str(err), err.retry_after_s or 1.0
+            metrics.specialist_failure(name, "overloaded")
         except Exception as err:  # a dead replica: degrade to a clear error, never a 500
             logger.warning("specialist %s stream failed: %r", name, err)
             kind, message = "engine", describe_failure(err)
+            metrics.specialist_failure(name, metrics.failure_reason(err))
+        else:
+            if kind != "invalid_request":
+                metrics.specialist_failure(name, "error")
         routing.failed[name] = f"{kind}: {message}"
         if not sent:
             if kind == "invalid_request":
@@ -386,7 +423,7 @@ class Council:
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[StreamEvent]:
         """One specialist: its tokens straight through. Several: fan out, then stream the merger."""
-        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        decision = self._decide_and_count(payload)
         if len(decision.specialists) == 1:
             async for event in self._stream_one(decision, payload):
                 yield event
@@ -413,6 +450,9 @@ class Council:
                 if "completion_tokens" in item:
                     routing.timings_ms["merge"] = round((time.perf_counter() - t0) * 1000, 2)
                     routing.synthesis = item.get("synthesis")
+                    metrics.merge(True)
+                    metrics.generated("merger", item["completion_tokens"])
+                    routing.answers = {n: a["text"] for n, a in answers.items()}
                     yield StreamEvent(
                         done=True,
                         routing=routing,
@@ -428,6 +468,7 @@ class Council:
             routing.failed["merger"] = describe_failure(err)
         routing.merged = False
         routing.failed.setdefault("merger", "engine: the merger's stream ended without a finish")
+        metrics.merge(False)
         if sent:  # part of a merged answer is out: end it, and say why
             yield StreamEvent(
                 done=True, routing=routing, finish_reason="length", error=f"merger failed: {routing.failed['merger']}"

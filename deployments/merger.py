@@ -12,9 +12,11 @@ from typing import Any
 
 from ray import serve
 
+from deployments import metrics
 from deployments.config import EngineConfig, MergerConfig
 from deployments.engines.base import GenerationRequest, SamplingParams, resolve_device, resolve_dtype
 from deployments.engines.detok import IncrementalDetokenizer
+from deployments.logging_setup import configure_logging, set_request_id
 from fusion.synthesizer import Answer, SynthesisRequest, Synthesizer
 
 logger = logging.getLogger(__name__)
@@ -206,12 +208,16 @@ class MergerDeployment:
     """Ray Serve replica of the MergerService with dynamic batching over synthesis requests."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        configure_logging()
+        metrics.enable()
         cfg = MergerConfig.model_validate(config)
         self.service = MergerService(cfg)
         self._batched.set_max_batch_size(cfg.deployment.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.deployment.batch_wait_timeout_s)
 
     async def synthesize(self, payload: dict[str, Any]) -> dict[str, Any]:
+        set_request_id(payload.get("request_id"))  # this request's task only: log lines carry the id
+        logger.info("merging %d answers", len(payload["answers"]))
         return await self._batched(payload)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -219,6 +225,8 @@ class MergerDeployment:
         return await self.service.synthesize_many(payloads)
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        set_request_id(payload.get("request_id"))
+        logger.info("merging %d answers (streamed)", len(payload["answers"]))
         async for item in self.service.stream(payload):
             yield item
 

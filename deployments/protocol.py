@@ -291,6 +291,7 @@ class Routing(BaseModel):
     # Tokens each specialist generated behind a merge (the client saw the merger's text instead): name -> usage.
     specialist_usage: dict[str, Usage] = Field(default_factory=dict)
     retried: dict[str, int] = Field(default_factory=dict)  # name -> times its request went again (replica died)
+    answers: dict[str, str] | None = None  # merged responses only: each specialist's own answer, by name
 
 
 def new_id(prefix: str) -> str:

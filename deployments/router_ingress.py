@@ -20,8 +20,11 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments import metrics
 from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, Overloaded, StreamEvent
+from deployments.logging_setup import configure_logging
+from deployments.middleware import RequestContextMiddleware
 from deployments.protocol import (
     SEED_MAX,
     BodyError,
@@ -31,7 +34,6 @@ from deployments.protocol import (
     chat_logprobs,
     completion_logprobs,
     error_body,
-    new_id,
     now,
     parse_json_body,
 )
@@ -170,6 +172,7 @@ app = FastAPI(
     openapi_url=None,
     redirect_slashes=False,  # "/v1/models/" is a 404 like any unknown path, not a 307 to follow
 )
+app.add_middleware(RequestContextMiddleware)  # X-Request-Id in/out, request metrics, access log
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -196,6 +199,8 @@ class RouterIngress:
     def __init__(
         self, config: dict[str, Any], specialists: dict[str, DeploymentHandle], merger: DeploymentHandle
     ) -> None:
+        configure_logging()
+        metrics.enable()
         self.config = GraphConfig.model_validate(config)
         group_of = {s.name: g for g, members in self.config.groups().items() for s in members}
         self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
@@ -247,6 +252,7 @@ class RouterIngress:
         except ValidationError as err:
             message, param = _validation_message(err)
             return error_response(400, message, param=param)
+        request.state.model_label = metrics.model_label(getattr(req, "model", None), self.council.names)
         refused = req.refused_field(self.supported) if hasattr(req, "refused_field") else None
         if refused is not None:
             return error_response(400, refused[1], param=refused[0], code="unsupported_parameter")
@@ -326,10 +332,11 @@ class RouterIngress:
         payload = self._payload(req)
         if isinstance(payload, JSONResponse):
             return payload
+        payload["request_id"] = rid = request.state.request_id  # every specialist and the merger get it
         deadline = time.monotonic() + self.config.server.request_timeout_s
         try:
             if req.stream:
-                return await self._streaming(payload, chat, req, deadline)
+                return await self._streaming(payload, chat, req, deadline, request.state.t0)
             # The whole request, fan-out and merge included, ends by the deadline; cancelling it cancels
             # the specialists' calls, which drops their rows from the engines at the next step.
             if req.n == 1:
@@ -370,7 +377,7 @@ class RouterIngress:
                 }
             choices.append(choice)
         body = {
-            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": now(),
             "model": model,
@@ -388,7 +395,7 @@ class RouterIngress:
             504, f"the request did not finish within {limit:g}s", type_="timeout_error", code="request_timeout"
         )
 
-    async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any, deadline: float) -> Any:
+    async def _streaming(self, payload: dict[str, Any], chat: bool, req: Any, deadline: float, t0: float) -> Any:
         events = self.council.stream(payload)
         # Pull the first event before answering, so routing and specialist errors still get a status code.
         try:
@@ -398,7 +405,9 @@ class RouterIngress:
         except asyncio.TimeoutError:
             await events.aclose()
             return self._deadline_error()
-        cid, created, model = new_id("chatcmpl" if chat else "cmpl"), now(), payload["model"]
+        cid, created, model = payload["request_id"], now(), payload["model"]
+        label = metrics.model_label(model, self.council.names)
+        last = t0
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def frame(body: dict[str, Any]) -> str:
@@ -453,12 +462,22 @@ class RouterIngress:
         def error_event(message: str, type_: str, code: str | None) -> str:
             return frame(error_body(message, type_, code))
 
+        def timed(ev: StreamEvent) -> None:
+            # Time to first token, then the gap between text chunks (about one token each).
+            nonlocal last
+            if ev.text:
+                t = time.perf_counter()
+                (metrics.first_token if last == t0 else metrics.inter_token)(label, (t - last) * 1000)
+                last = t
+
         async def sse() -> AsyncIterator[str]:
             ev = first
+            timed(first)
             yield chunk(first, role=True)
             try:
                 while not ev.done:
                     ev = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.monotonic()))
+                    timed(ev)
                     yield chunk(ev)
             except StopAsyncIteration:
                 pass
@@ -527,6 +546,12 @@ class RouterIngress:
             "object": "list",
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "consilium"} for n in names],
         }
+
+    @app.get("/", include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        from deployments.web import playground_html
+
+        return HTMLResponse(playground_html())
 
     @app.get("/health")
     async def health(self) -> Any:

@@ -10,8 +10,10 @@ from typing import Any
 
 from ray import serve
 
+from deployments import metrics
 from deployments.config import SpecialistConfig
 from deployments.engines.base import Engine, EngineInputError, GenerationRequest, SamplingParams
+from deployments.logging_setup import configure_logging, set_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -131,16 +133,22 @@ class SpecialistDeployment:
     """
 
     def __init__(self, members: list[dict[str, Any]], engine_cls: str | type | None = None) -> None:
+        configure_logging()
+        metrics.enable()
         configs = [SpecialistConfig.model_validate(m) for m in members]
         self.group = SpecialistGroup(configs, engine_cls)
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        set_request_id(payload.get("request_id"))  # this request's task only: log lines carry the id
+        logger.info("generate for %s", payload.get("specialist"))
         return await self.group.generate(payload)
 
     def engine_stats(self) -> dict[str, Any]:
         return self.group.engine_stats()
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        set_request_id(payload.get("request_id"))
+        logger.info("stream for %s", payload.get("specialist"))
         async for item in self.group.stream(payload):
             yield item
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from deployments import metrics
 from deployments.config import EngineConfig
 from deployments.engines.base import (
     EngineInputError,
@@ -347,6 +348,9 @@ class HFEngine:
                     self.scheduler.finish(s)
             batch.keep([i for i, s in enumerate(batch.seqs) if s not in done])
             self.stats.finished += len(done)
+        with self._cond:
+            running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        metrics.engine_load(running, waiting)  # the batch-size and queue gauges (a no-op outside Serve)
 
     def _forward(self, seqs: list[Seq], **kw: Any) -> Any:
         for s in seqs:
