@@ -132,22 +132,25 @@ def start_cluster(
     return local
 
 
-def cluster_args(zoo: Path, autoscaled: str | None = "medical", max_replicas: int = 3) -> dict:
+def cluster_args(zoo: Path, autoscaled: str | None = "medical", max_replicas: int = 3, ha: bool = False) -> dict:
     """configs/tiny.yaml's graph on `zoo`: one logical GPU per specialist replica, light CPU shares.
 
     The `autoscaled` specialist scales between 1 and `max_replicas` with short delays so a bench or a
     test can watch it act; every specialist keeps at most one replica per node (max_replicas_per_node).
+    With `ha`, every specialist keeps at least two replicas, so losing one node leaves each one served.
     """
+    low = 2 if ha else 1
     args = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
     for spec in args["specialists"]:
         spec["model"] = spec["model"].replace(".zoo", str(zoo))
         spec["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in spec.get("adapters", {}).items()}
-        spec["deployment"].update(num_cpus=0.05, num_gpus=1, max_replicas_per_node=1)
+        spec["deployment"].update(num_cpus=0.05, num_gpus=1, max_replicas_per_node=1, num_replicas=low)
         if spec["name"] == autoscaled:
+            spec["deployment"].pop("num_replicas")
             spec["deployment"].update(
                 max_ongoing_requests=4,
                 autoscaling={
-                    "min_replicas": 1,
+                    "min_replicas": low,
                     "max_replicas": max_replicas,
                     "target_ongoing_requests": 1,
                     "upscale_delay_s": 1,
@@ -369,7 +372,10 @@ class Load:
             port = ports[self._next % len(ports)]
             attempts += 1
             try:
-                r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body(prompt))
+                left = self.deadline_s - (time.perf_counter() - t0)
+                r = await client.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", json=body(prompt), timeout=max(min(30.0, left), 1.0)
+                )
                 if r.status_code == 200:
                     failed = r.json()["routing"]["failed"]
                     status = "degraded" if failed else "ok"
@@ -448,6 +454,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--step-clients", type=int, default=8, help="closed-loop clients during the load step")
     ap.add_argument("--loss-clients", type=int, default=4, help="clients while a node is removed")
+    ap.add_argument("--ha", action="store_true", help="two replicas of every specialist (3 GPUs per worker)")
     ap.add_argument(
         "--ray-default-health-checks", action="store_true", help="keep Ray's node failure detection (about 15-30 s)"
     )
@@ -457,13 +464,15 @@ def main() -> None:
 
     t0 = time.perf_counter()
     local = start_cluster(
-        workers=args.workers, gpus_per_worker=2, fast_failure_detection=not args.ray_default_health_checks
+        workers=args.workers,
+        gpus_per_worker=3 if args.ha else 2,
+        fast_failure_detection=not args.ray_default_health_checks,
     )
     zoo = Path(args.zoo).resolve()
     if not (zoo / "zoo.json").exists():
         raise SystemExit(f"no zoo at {zoo}: run `python -m deployments.cli zoo build {args.zoo}` first")
     try:
-        deploy(cluster_args(zoo))
+        deploy(cluster_args(zoo, ha=args.ha))
         startup_s = time.perf_counter() - t0
         place = placement()
         print_table("replica placement after deploy", [{k: v for k, v in r.items() if k != "node_id"} for r in place])
@@ -493,7 +502,8 @@ def main() -> None:
         ]
         tl.phase = "stop"
         load.set(0)
-        down_s = tl.run_until(lambda: replica_counts().get(med, 0) <= 1, 120)
+        low = 2 if args.ha else 1
+        down_s = tl.run_until(lambda: replica_counts().get(med, 0) <= low, 120)
         print_table("medical replicas while the step was held for 10 s (CPU seconds each spent serving)", served)
 
         # Node loss: the worker with the most replicas of our app goes away under load.
@@ -529,8 +539,8 @@ def main() -> None:
         during = outcomes[n_before:]
         summary = [
             {"measure": "startup: cluster + deploy, s", "value": round(startup_s, 1)},
-            {"measure": "scale up 1 -> 3 replicas under the step, s", "value": _r(up_s)},
-            {"measure": "scale down 3 -> 1 after the step, s", "value": _r(down_s)},
+            {"measure": f"scale up {low} -> 3 replicas under the step, s", "value": _r(up_s)},
+            {"measure": f"scale down 3 -> {low} after the step, s", "value": _r(down_s)},
             {"measure": "node loss -> Ray declares the node dead, s", "value": _r(detect_s)},
             {"measure": "node loss -> every lost replica running elsewhere, s", "value": _r(whole_s)},
             {"measure": "requests sent", "value": len(outcomes)},
@@ -561,9 +571,9 @@ def main() -> None:
         print_table("summary", summary)
         errors = sorted({o.error for o in outcomes if o.error})[:10]
         if errors:
-            print("errors seen:", *errors, sep="\n  ")
+            print("failures seen (degraded: the specialists that failed; lost: the last error):", *errors, sep="\n  ")
         path = save(
-            "cluster",
+            "cluster_ha" if args.ha else "cluster",
             summary,
             placement=[{k: v for k, v in r.items() if k != "node_id"} for r in place],
             proxies=proxy_rows,

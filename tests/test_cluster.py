@@ -120,7 +120,7 @@ def test_node_loss_under_load_loses_no_request(local: LocalCluster) -> None:
     victim = next(n for n in local.workers if n in specialists_on)
     gone = sorted(r["deployment"] for r in rows if r["node_id"] == victim)
     wanted = replica_counts()
-    load = Load(lambda: list(local.ports.values()), [MEDICAL, CODE, TWO, "hello there"], deadline_s=60)
+    load = Load(lambda: list(local.ports.values()), [MEDICAL, CODE, TWO, "hello there"], deadline_s=120)
     try:
         load.set(4)
         wait_for(lambda: len(load.outcomes) >= 8, 30)
@@ -133,7 +133,7 @@ def test_node_loss_under_load_loses_no_request(local: LocalCluster) -> None:
         load.stop()
     statuses = [o.status for o in load.outcomes]
     assert "lost" not in statuses, [o.error for o in load.outcomes if o.status == "lost"]
-    assert max(o.end - o.start for o in load.outcomes) < 60  # bounded: nothing hung
+    assert max(o.end - o.start for o in load.outcomes) < 125  # bounded: nothing hung
     assert all(r["node_id"] != victim for r in placement())
 
 
@@ -221,3 +221,35 @@ def test_rayservice_carries_serve_config_and_fits_its_pods() -> None:
     gpus_at_max = sum(g["maxReplicas"] * pod(g)[1] for g in gpu_groups)
     assert gpus_at_max >= demand, f"GPU groups reach {gpus_at_max} GPUs; the config can ask for {demand}"
     assert cluster_spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+# ---- placement and autoscaling options reach Serve -------------------------------------------------
+
+
+def test_placement_and_autoscaling_options_reach_serve() -> None:
+    from deployments.config import DeploymentOptions
+
+    opts = DeploymentOptions.model_validate(
+        {
+            "num_gpus": 1,
+            "max_replicas_per_node": 1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 1, "downscale_delay_s": 4},
+        }
+    ).serve_options()
+    assert opts["max_replicas_per_node"] == 1
+    # Unset knobs are left out, so Serve keeps its own defaults for them.
+    assert opts["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 2.0,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 4,
+    }
+    assert "max_replicas_per_node" not in DeploymentOptions().serve_options()
+
+
+def test_look_back_shorter_than_metrics_interval_is_a_config_error() -> None:
+    args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
+    args["specialists"][0]["deployment"]["autoscaling"]["look_back_period_s"] = 5
+    with pytest.raises(ConfigError, match=r"specialists\.0\.deployment\.autoscaling: .*look_back_period_s=5"):
+        parse_graph_config(args)
