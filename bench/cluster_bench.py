@@ -1,11 +1,12 @@
 """Multi-node council on one machine: placement, proxies on every node, autoscaling under a load step, node loss.
 
-    python -m bench.cluster_bench [--zoo .zoo] [--workers 3] [--step-concurrency 12]
+    python -m bench.cluster_bench [--zoo .zoo] [--workers 3] [--step-clients 8] [--ha] [--ray-default-health-checks]
 
 Starts a head and N worker Ray nodes in-process (ray.cluster_utils.Cluster: separate raylets, logical
 GPUs, node labels), deploys configs/tiny.yaml's graph on the zoo with one GPU per specialist replica,
 then prints a timeline (offered load, replicas per deployment, p50 latency, errors) every few seconds
-while it steps the load up and down and removes a worker node. Writes bench/results/cluster.json.
+while it steps the load up and down and removes a worker node. Writes bench/results/cluster.json
+(cluster_ha.json with --ha). tests/test_cluster.py reuses the helpers below.
 """
 
 from __future__ import annotations
@@ -47,10 +48,8 @@ class LocalCluster:
 
     @property
     def ports(self) -> dict[str, int]:
-        """Node id -> the port its proxy listens on (head included)."""
-        import ray
-
-        return {self.head_id: self.head_port, **self.worker_ports} if ray.is_initialized() else {}
+        """Node id -> the port its proxy listens on (head included; removed workers dropped)."""
+        return {self.head_id: self.head_port, **self.worker_ports}
 
     @property
     def head_id(self) -> str:
@@ -58,7 +57,7 @@ class LocalCluster:
 
     def add_worker(self, index: int, num_gpus: int, num_cpus: float) -> str:
         # On one machine every proxy would bind the same port (Ray sets SO_REUSEPORT and the kernel
-        # spreads connections at random). Ray reads RAY_SERVE_WORKER_PROXY_HTTP_PORT in each worker
+        # spreads connections among them). Ray reads RAY_SERVE_WORKER_PROXY_HTTP_PORT in each worker
         # node's proxy process, which inherits the raylet's environment, which is ours at add_node time.
         port = free_port()
         os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(port)
@@ -266,10 +265,16 @@ def listening_pid(port: int) -> int | None:
 def check_proxies(local: LocalCluster, timeout_s: float = 60) -> list[dict[str, Any]]:
     """Each node's proxy: its port, that the process listening there is that node's ProxyActor, a chat answer."""
     import httpx
+    import ray
 
-    pids = {}
-    wait_for(lambda: len(pids.update(proxies()) or pids) >= len(local.ports), timeout_s)
-    labels = {n["NodeID"]: (n.get("Labels") or {}).get(NODE_LABEL) for n in __import__("ray").nodes()}
+    pids: dict[str, int] = {}
+
+    def all_up() -> bool:  # proxies start lazily on worker nodes
+        pids.update(proxies())
+        return all(n in pids for n in local.ports)
+
+    wait_for(all_up, timeout_s)
+    labels = {n["NodeID"]: (n.get("Labels") or {}).get(NODE_LABEL) for n in ray.nodes()}
     rows = []
     for node_id, port in local.ports.items():
         url = f"http://127.0.0.1:{port}"
@@ -328,7 +333,6 @@ class Load:
         self.ports, self.prompts, self.deadline_s = ports, prompts, deadline_s
         self.outcomes: list[Outcome] = []
         self.concurrency = 0
-        self._stop = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
