@@ -12,6 +12,7 @@ from deployments.config import ConfigError, GraphConfig, parse_graph_config
 from deployments.council import load_router
 from deployments.logging_setup import serve_logging_options
 from deployments.merger import MergerDeployment
+from deployments.paths import check_cluster_paths
 from deployments.router_ingress import RouterIngress
 from deployments.specialist import SpecialistDeployment
 
@@ -49,6 +50,7 @@ def build_graph(config: GraphConfig, engine_overrides: dict[str, str | type] | N
     engine_overrides (group name -> engine class) lets tests inject engines without patching.
     """
     _check_local_paths(config)
+    check_cluster_paths(config)  # on a multi-node cluster every artifact must resolve on every node
     try:
         load_router(config)  # domains must map onto specialists: fail at build time, not per request
     except (ValueError, FileNotFoundError) as err:

@@ -53,11 +53,28 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
     )
+    upscale_delay_s: float | None = Field(
+        None, ge=0, le=3600, description="Load must stay high this long before replicas are added; None: Ray's 30."
+    )
+    downscale_delay_s: float | None = Field(
+        None, ge=0, le=3600, description="Load must stay low this long before replicas go; None: Ray's 600."
+    )
+    look_back_period_s: float | None = Field(
+        None, gt=0, le=3600, description="Window the ongoing-request average is taken over; None: Ray's 30."
+    )
+    metrics_interval_s: float | None = Field(
+        None, gt=0, le=600, description="How often replicas and handles report load; None: Ray's 10."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        if self.look_back_period_s is not None and self.look_back_period_s <= (self.metrics_interval_s or 10.0):
+            raise ValueError(
+                f"look_back_period_s={self.look_back_period_s} must exceed metrics_interval_s="
+                f"{self.metrics_interval_s or 10.0} (Ray's default is 10)"
+            )
         return self
 
 
@@ -76,6 +93,9 @@ class DeploymentOptions(_Strict):
         description="Requests each caller queues for this deployment past max_ongoing_requests; more get 503.",
     )
     retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After sent with a 503 for a full queue.")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many replicas of the deployment per node (spreads across nodes)."
+    )
     max_batch_size: int = Field(8, ge=1, le=1024, description="Dynamic batch size (@serve.batch, merger only).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill.")
 
@@ -94,8 +114,10 @@ class DeploymentOptions(_Strict):
             "max_queued_requests": self.max_queued_requests,
             "backpressure_config": {"retry_after_s": self.retry_after_s},
         }
+        if self.max_replicas_per_node is not None:
+            opts["max_replicas_per_node"] = self.max_replicas_per_node
         if self.autoscaling is not None:
-            opts["autoscaling_config"] = self.autoscaling.model_dump()
+            opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
         else:
             opts["num_replicas"] = self.num_replicas or 1
         return opts
