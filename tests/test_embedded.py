@@ -69,7 +69,7 @@ def test_merger_config_names_the_synthesis_mode() -> None:
 
     base = {"specialists": [{"name": "general", "model": "m"}], "router": {"fallback": "general"}}
     assert parse_graph_config({**base, "merger": {"model": "t5"}}).merger.synthesis == "fusion"
-    with pytest.raises(ConfigError, match="merger.synthesis"):
+    with pytest.raises(ConfigError, match=r"merger\.synthesis"):
         parse_graph_config({**base, "merger": {"model": "m", "synthesis": "vote"}})
     with pytest.raises(ConfigError, match="merger_weights belongs to synthesis 'fusion'"):
         parse_graph_config({**base, "merger": {"model": "m", "synthesis": "aggregate", "merger_weights": "w"}})
