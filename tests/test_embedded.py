@@ -64,6 +64,17 @@ def test_installed_wheel_file_passes_and_conversion_is_cached(smollm2: Path) -> 
     assert embedded.is_converted(smollm2) and not embedded.is_converted(smollm2, sha256="0" * 64)
 
 
+def test_merger_config_names_the_synthesis_mode() -> None:
+    from deployments.config import ConfigError, parse_graph_config
+
+    base = {"specialists": [{"name": "general", "model": "m"}], "router": {"fallback": "general"}}
+    assert parse_graph_config({**base, "merger": {"model": "t5"}}).merger.synthesis == "fusion"
+    with pytest.raises(ConfigError, match=r"merger\.synthesis"):
+        parse_graph_config({**base, "merger": {"model": "m", "synthesis": "vote"}})
+    with pytest.raises(ConfigError, match="merger_weights belongs to synthesis 'fusion'"):
+        parse_graph_config({**base, "merger": {"model": "m", "synthesis": "aggregate", "merger_weights": "w"}})
+
+
 # ---- real answers ---------------------------------------------------------------------------------
 
 

@@ -274,4 +274,4 @@ def test_fusion_cli_trains_and_merger_service_loads_by_path(zoo: Path, tmp_path:
     service = MergerService(MergerDeploymentConfig(model=str(zoo / "t5"), merger_weights=str(out), max_new_tokens=4))
     assert torch.equal(service.synth.merger.gate, trained.gate)
     result = asyncio.run(service.synthesize({"query": "q1", "answers": rows[1]["answers"], "max_tokens": 4}))
-    assert result["completion_tokens"] >= 1
+    assert result["completion_tokens"] >= 1 and result["synthesis"] == "fusion"

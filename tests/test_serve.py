@@ -167,7 +167,7 @@ def test_two_domain_prompt_reaches_both_and_the_merger(client: openai.OpenAI) ->
     )
     routing = routing_of(r)
     assert set(routing["used"]) == {"code", "medical"}
-    assert routing["merged"] is True and routing["failed"] == {}
+    assert routing["merged"] is True and routing["failed"] == {} and routing["synthesis"] == "fusion"
 
 
 def test_merged_answer_streams(client: openai.OpenAI) -> None:
@@ -177,7 +177,7 @@ def test_merged_answer_streams(client: openai.OpenAI) -> None:
         )
     )
     final = chunks[-1]
-    assert routing_of(final)["merged"] is True
+    assert routing_of(final)["merged"] is True and routing_of(final)["synthesis"] == "fusion"
     assert len(chunks) >= 2
 
 
