@@ -110,7 +110,10 @@ def plot_router_histogram(record: dict[str, Any], out: Path) -> list[Path]:
     plt = _figure()
     p50, p99 = np.percentile(lat, [50, 99])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(lat, bins=np.linspace(0, np.percentile(lat, 99.9), 60), color="#3559e0")
+    # Log-spaced bins on a log axis: a few slow outliers (a busy machine) must not squash the body.
+    lo, hi = max(lat.min(), 1e-4), max(lat.max(), lat.min() * 1.01, 2e-4)
+    ax.hist(lat, bins=np.geomspace(lo, hi, 60), color="#3559e0")
+    ax.set_xscale("log")
     for q, v in (("p50", p50), ("p99", p99)):
         ax.axvline(v, color="k", linestyle="--", linewidth=1)
         ax.text(v, ax.get_ylim()[1] * 0.9, f" {q} {v:.3f} ms", fontsize=8)
