@@ -178,6 +178,13 @@ class MergerConfig(_Strict):
 
     model: str = Field(..., min_length=1, description="T5 checkpoint (FLAN-T5 in production).")
     merger_weights: str | None = Field(None, description="Trained merger directory; None = identity merger.")
+    depth_layers: int = Field(
+        0,
+        ge=0,
+        le=129,
+        description="Untrained merger only: mix the last N encoder hidden states (DCA-style); 0 = last layer. "
+        "A trained merger directory carries its own setting.",
+    )
     device: str | None = Field(None, description="torch device; None picks what is present.")
     dtype: DType = Field("auto")
     max_answer_tokens: int = Field(256, ge=8, le=4096, description="Per-answer token budget (truncates).")
@@ -186,6 +193,13 @@ class MergerConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     timeout_s: float = Field(120.0, gt=0, le=3600)
+
+    @field_validator("depth_layers")
+    @classmethod
+    def _depth_layers(cls, v: int) -> int:
+        if v == 1:  # one state is the last layer: nothing to mix
+            raise ValueError("depth_layers must be 0 (off) or >= 2 encoder hidden states, got 1")
+        return v
 
 
 class ServerConfig(_Strict):
