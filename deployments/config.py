@@ -223,6 +223,13 @@ class MergerConfig(_Strict):
         None, max_length=8192, description="System prompt of the aggregate mode; None uses the built-in one."
     )
     merger_weights: str | None = Field(None, description="Trained merger directory; None = identity merger.")
+    depth_layers: int = Field(
+        0,
+        ge=0,
+        le=129,
+        description="Untrained merger only: mix the last N encoder hidden states (DCA-style); 0 = last layer. "
+        "A trained merger directory carries its own setting.",
+    )
     device: str | None = Field(None, description="torch device; None picks what is present.")
     dtype: DType = Field("auto")
     max_answer_tokens: int = Field(256, ge=8, le=4096, description="Per-answer token budget (truncates).")
@@ -237,6 +244,13 @@ class MergerConfig(_Strict):
         if self.synthesis == "aggregate" and self.merger_weights is not None:
             raise ValueError("merger_weights belongs to synthesis 'fusion'; synthesis 'aggregate' has no merger module")
         return self
+
+    @field_validator("depth_layers")
+    @classmethod
+    def _depth_layers(cls, v: int) -> int:
+        if v == 1:  # one state is the last layer: nothing to mix
+            raise ValueError("depth_layers must be 0 (off) or >= 2 encoder hidden states, got 1")
+        return v
 
 
 class ServerConfig(_Strict):

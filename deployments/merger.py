@@ -115,6 +115,7 @@ class MergerService:
             device=device,
             dtype=resolve_dtype(config.dtype, device),
             max_answer_tokens=config.max_answer_tokens,
+            depth_layers=config.depth_layers,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger")
 

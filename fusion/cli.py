@@ -15,7 +15,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         val = read_fusion_jsonl(args.val) if args.val else None
     except FusionDataError as err:
         raise SystemExit(f"consilium: error: {err}") from None
-    synth = Synthesizer.from_pretrained(args.model, merger_path=args.init, max_answer_tokens=args.max_answer_tokens)
+    try:
+        synth = Synthesizer.from_pretrained(
+            args.model, merger_path=args.init, max_answer_tokens=args.max_answer_tokens, depth_layers=args.depth_layers
+        )
+    except ValueError as err:  # e.g. --depth-layers larger than the encoder, or unlike the --init merger's
+        raise SystemExit(f"consilium: error: {err}") from None
     cfg = FusionTrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     history = train_fusion(synth, train, val, cfg)
     out = synth.merger.save(args.out)
@@ -47,5 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--max-answer-tokens", type=int, default=256)
+    tr.add_argument(
+        "--depth-layers",
+        type=int,
+        default=0,
+        help="DCA-style depth mix: the merger reads the last N encoder hidden states (0 = last layer only)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train)

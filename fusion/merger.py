@@ -27,6 +27,7 @@ class MergerConfig:
     softcap: float | None = None  # tanh soft-capping of attention logits (Gemma 2 style)
     dropout: float = 0.0  # attention dropout (training only)
     routing_bias: bool = True  # add log(routing weight) of each key's source to the logits
+    depth_layers: int = 0  # DCA-style depth mix: read the last N encoder hidden states (0 = last layer only)
 
     def __post_init__(self) -> None:
         kv = self.num_kv_heads or self.num_heads
@@ -36,6 +37,8 @@ class MergerConfig:
             raise ValueError(f"num_kv_heads={kv} must divide num_heads={self.num_heads}")
         if self.softcap is not None and self.softcap <= 0:
             raise ValueError(f"softcap must be > 0, got {self.softcap}")
+        if self.depth_layers == 1 or self.depth_layers < 0:
+            raise ValueError(f"depth_layers must be 0 (off) or >= 2 encoder hidden states, got {self.depth_layers}")
 
 
 class RMSNorm(nn.Module):
@@ -48,12 +51,45 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class DepthMix(nn.Module):
+    """DCA's generalised residual (GRN-v3) over encoder depth, one mix each for queries, keys and values.
+
+    For stream s and layer i: a_si = static_si + tanh(<y_i, dynamic_si> / sqrt(D)) (per dimension plus a
+    per-token, input-dependent gate), mix_s = sum_i a_si * y_i. Intermediate T5 states are the raw
+    residual stream, whose scale grows with depth, so each is RMS-normed first; the last layer already
+    passed T5's final norm and is used as is. static starts one-hot on the last layer and dynamic at
+    zero, so at initialisation every mix equals the last layer exactly.
+    """
+
+    def __init__(self, n_layers: int, d_model: int, streams: int = 3) -> None:
+        super().__init__()
+        self.n = n_layers
+        static = torch.zeros(streams, n_layers, d_model)
+        static[:, -1] = 1.0
+        self.static = nn.Parameter(static)  # (S, N, D)
+        self.dynamic = nn.Parameter(torch.zeros(streams, n_layers, d_model))  # (S, N, D)
+        self.norms = nn.ModuleList(RMSNorm(d_model) for _ in range(n_layers - 1))
+
+    def forward(self, layers: torch.Tensor) -> list[torch.Tensor]:
+        """layers (N, ..., D) -> one mix (..., D) per stream."""
+        scale = 1.0 / math.sqrt(layers.shape[-1])
+        mixes: list[torch.Tensor | None] = [None] * self.static.shape[0]
+        for i in range(self.n):  # a loop, not a (S, N, ..., D) stack: memory stays O(S * tokens * D)
+            y = self.norms[i](layers[i]) if i < self.n - 1 else layers[i]  # (..., D)
+            for s in range(len(mixes)):
+                a = self.static[s, i] + torch.tanh((y @ self.dynamic[s, i])[..., None] * scale)  # (..., D)
+                mixes[s] = a * y if mixes[s] is None else mixes[s] + a * y
+        return mixes  # type: ignore[return-value]
+
+
 class AdvancedCrossAttentionMerger(nn.Module):
     """Multi-head cross-attention across K answers, joined by a zero-initialised gated residual.
 
     Input (B, K, L, D) encoder states of K answers with mask (B, K, L) (True = real token).
     A token of answer k attends to the real tokens of every answer j != k. With the gate at zero
     the output is the input, bit for bit, so an untrained merger is plain Fusion-in-Decoder.
+    With depth_layers = N the queries, keys and values read a learned mix of the last N encoder
+    hidden states (DepthMix) instead of the last one; the residual stays the last layer.
     """
 
     def __init__(self, config: MergerConfig) -> None:
@@ -71,6 +107,8 @@ class AdvancedCrossAttentionMerger(nn.Module):
         self.q_norm = RMSNorm(self.dh) if c.qk_norm else None
         self.k_norm = RMSNorm(self.dh) if c.qk_norm else None
         self.gate = nn.Parameter(torch.zeros(c.d_model))  # tanh(0) = 0: identity at init
+        # Created last so that, with the option off, parameters and initial values match the plain merger.
+        self.depth = DepthMix(c.depth_layers, c.d_model) if c.depth_layers else None
         for lin in (self.wq, self.wk, self.wv, self.wo):
             nn.init.xavier_uniform_(lin.weight)
 
@@ -79,13 +117,24 @@ class AdvancedCrossAttentionMerger(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor,
         source_weights: torch.Tensor | None = None,
+        layers: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, K, L, D), mask (B, K, L), source_weights (B, K), layers (N, B, K, L, D) with layers[-1] = x."""
         B, K, L, D = _check_shapes(x, mask, source_weights, self.config.d_model)
         T = K * L
-        hx = self.norm(x).reshape(B, T, D)  # (B, T, D)
-        q = self.wq(hx).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, dh)
-        k = self.wk(hx).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
-        v = self.wv(hx).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
+        if self.depth is None:
+            hq = hk = hv = self.norm(x).reshape(B, T, D)  # (B, T, D)
+        else:
+            if layers is None or tuple(layers.shape) != (self.config.depth_layers, B, K, L, D):
+                got = None if layers is None else tuple(layers.shape)
+                raise ValueError(
+                    f"depth_layers={self.config.depth_layers} needs layers of shape (N, B, K, L, D) = "
+                    f"{(self.config.depth_layers, B, K, L, D)}, got {got}"
+                )
+            hq, hk, hv = (self.norm(m).reshape(B, T, D) for m in self.depth(layers))  # 3 x (B, T, D)
+        q = self.wq(hq).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, dh)
+        k = self.wk(hk).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
+        v = self.wv(hv).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.h_kv != self.h:
@@ -93,31 +142,37 @@ class AdvancedCrossAttentionMerger(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, dh)
 
         valid = mask.reshape(B, T)  # (B, T)
-        src = torch.arange(K, device=x.device).repeat_interleave(L)  # (T,) source index of each token
-        allowed = valid[:, None, :] & (src[None, :, None] != src[None, None, :])  # (B, Tq, Tk)
-        has_key = allowed.any(-1)  # (B, Tq): a query with no other-answer token to look at
-        # Such rows would softmax over nothing (NaN, and NaN gradients); let them see every key
-        # and zero their output below, so the math stays finite and their residual is the identity.
-        allowed = allowed | ~has_key[..., None]
-        bias = torch.zeros(B, T, T, dtype=q.dtype, device=x.device)  # (B, Tq, Tk)
+        logw = None
         if self.config.routing_bias and source_weights is not None:
             logw = source_weights.to(q.dtype).clamp_min(1e-6).log().repeat_interleave(L, dim=1)  # (B, Tk)
-            bias = bias + logw[:, None, :]
-        bias = bias.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, Tq, Tk)
         p_drop = self.config.dropout if self.training else 0.0
-
-        if self.config.softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop)  # (B, H, T, dh)
-        else:
-            cap = self.config.softcap
-            logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (B, H, Tq, Tk)
-            logits = cap * torch.tanh(logits / cap) + bias
-            att = F.dropout(logits.softmax(-1), p=p_drop, training=self.training)
-            out = att @ v  # (B, H, T, dh)
-
-        out = self.wo(out.transpose(1, 2).reshape(B, T, self.h * self.dh))  # (B, T, D)
-        out = out * has_key[..., None].to(out.dtype)
-        return x + (torch.tanh(self.gate) * out).view(B, K, L, D)
+        src = torch.arange(K, device=x.device).repeat_interleave(L)  # (T,) source index of each token
+        outs, has_keys = [], []
+        # One answer's queries at a time, against every key with its own answer's keys masked out: the
+        # mask is one (B, T) row shared by the block's L queries, never the dense (B, T, T) of the
+        # reference path, and no K/V is copied. Peak extra memory: one block's (B, H, L, T) logits.
+        for j in range(K):
+            allowed = valid & (src != j)  # (B, Tk)
+            has_key = allowed.any(-1)  # (B,): does any other answer have a real token?
+            # Without one, the softmax would run over nothing (NaN, and NaN gradients); let such a block
+            # see every key and zero its output below, so the math stays finite and its residual is x.
+            allowed = allowed | ~has_key[:, None]
+            bias = torch.zeros(B, T, dtype=q.dtype, device=x.device) if logw is None else logw
+            bias = bias.masked_fill(~allowed, float("-inf"))[:, None, None, :]  # (B, 1, 1, Tk)
+            qj = q[:, :, j * L : (j + 1) * L]  # (B, H, L, dh)
+            if self.config.softcap is None:
+                o = F.scaled_dot_product_attention(qj, k, v, attn_mask=bias, dropout_p=p_drop)  # (B, H, L, dh)
+            else:
+                cap = self.config.softcap
+                logits = (qj @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (B, H, L, Tk)
+                logits = cap * torch.tanh(logits / cap) + bias
+                o = F.dropout(logits.softmax(-1), p=p_drop, training=self.training) @ v  # (B, H, L, dh)
+            outs.append(o)
+            has_keys.append(has_key)
+        out = torch.stack(outs, 2).reshape(B, self.h, T, self.dh)  # (B, H, T, dh)
+        out = self.wo(out.transpose(1, 2).reshape(B, T, self.h * self.dh)).view(B, K, L, D)
+        out = out * torch.stack(has_keys, 1)[:, :, None, None].to(out.dtype)  # (B, K, L, D)
+        return x + torch.tanh(self.gate) * out
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
@@ -134,6 +189,50 @@ class AdvancedCrossAttentionMerger(nn.Module):
         merger = cls(MergerConfig(**json.loads((path / CONFIG_FILE).read_text())))
         merger.load_state_dict(load_file(path / WEIGHTS_FILE, device=str(map_location)))
         return merger
+
+
+def dense_reference_attention(
+    merger: AdvancedCrossAttentionMerger,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    source_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The merger's original forward with a dense (B, T, T) mask, T = K * L: O(T^2) memory.
+
+    Not used by the merger; kept as the reference its per-block path is tested and benchmarked
+    against (depth mixing off, eval mode).
+    """
+    m = merger
+    B, K, L, D = _check_shapes(x, mask, source_weights, m.config.d_model)
+    T = K * L
+    hx = m.norm(x).reshape(B, T, D)  # (B, T, D)
+    q = m.wq(hx).view(B, T, m.h, m.dh).transpose(1, 2)  # (B, H, T, dh)
+    k = m.wk(hx).view(B, T, m.h_kv, m.dh).transpose(1, 2)  # (B, Hkv, T, dh)
+    v = m.wv(hx).view(B, T, m.h_kv, m.dh).transpose(1, 2)  # (B, Hkv, T, dh)
+    if m.q_norm is not None:
+        q, k = m.q_norm(q), m.k_norm(k)
+    if m.h_kv != m.h:
+        rep = m.h // m.h_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, dh)
+    valid = mask.reshape(B, T)  # (B, T)
+    src = torch.arange(K, device=x.device).repeat_interleave(L)  # (T,)
+    allowed = valid[:, None, :] & (src[None, :, None] != src[None, None, :])  # (B, Tq, Tk)
+    has_key = allowed.any(-1)  # (B, Tq)
+    allowed = allowed | ~has_key[..., None]
+    bias = torch.zeros(B, T, T, dtype=q.dtype, device=x.device)  # (B, Tq, Tk)
+    if m.config.routing_bias and source_weights is not None:
+        logw = source_weights.to(q.dtype).clamp_min(1e-6).log().repeat_interleave(L, dim=1)  # (B, Tk)
+        bias = bias + logw[:, None, :]
+    bias = bias.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, Tq, Tk)
+    if m.config.softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, dh)
+    else:
+        cap = m.config.softcap
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(m.dh)  # (B, H, Tq, Tk)
+        out = (cap * torch.tanh(logits / cap) + bias).softmax(-1) @ v  # (B, H, T, dh)
+    out = m.wo(out.transpose(1, 2).reshape(B, T, m.h * m.dh))  # (B, T, D)
+    out = out * has_key[..., None].to(out.dtype)
+    return x + (torch.tanh(m.gate) * out).view(B, K, L, D)
 
 
 def _check_shapes(

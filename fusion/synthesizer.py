@@ -64,15 +64,28 @@ class Synthesizer:
         tokenizer,
         merger: AdvancedCrossAttentionMerger | None = None,
         max_answer_tokens: int = 256,
+        depth_layers: int = 0,
     ) -> None:
         self.t5 = t5
         self.tokenizer = tokenizer
         d = t5.config.d_model
         heads = max(h for h in (8, 4, 2, 1) if d % h == 0)
-        self.merger = merger or AdvancedCrossAttentionMerger(MergerConfig(d_model=d, num_heads=heads))
-        self.merger.to(device=t5.device, dtype=t5.dtype)
+        if merger is None:  # an untrained merger: the identity, with or without the depth mix
+            merger = AdvancedCrossAttentionMerger(MergerConfig(d_model=d, num_heads=heads, depth_layers=depth_layers))
+        elif depth_layers and depth_layers != merger.config.depth_layers:
+            raise ValueError(
+                f"depth_layers={depth_layers} was asked for but the merger was trained with "
+                f"depth_layers={merger.config.depth_layers}"
+            )
+        self.merger = merger.to(device=t5.device, dtype=t5.dtype)
         if self.merger.config.d_model != d:
             raise ValueError(f"merger d_model={self.merger.config.d_model} does not match T5 d_model={d}")
+        n_states = t5.config.num_layers + 1  # the embeddings, then one per encoder layer
+        if self.merger.config.depth_layers > n_states:
+            raise ValueError(
+                f"depth_layers={self.merger.config.depth_layers} exceeds the {n_states} hidden states "
+                f"of this T5 encoder ({t5.config.num_layers} layers + embeddings)"
+            )
         self.max_answer_tokens = max_answer_tokens
         self.lock = threading.Lock()
 
@@ -84,11 +97,12 @@ class Synthesizer:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_answer_tokens: int = 256,
+        depth_layers: int = 0,
     ) -> Synthesizer:
         tokenizer = AutoTokenizer.from_pretrained(model)
         t5 = T5ForConditionalGeneration.from_pretrained(model, dtype=dtype, use_safetensors=True).to(device).eval()
         merger = AdvancedCrossAttentionMerger.load(merger_path, map_location=device) if merger_path else None
-        return cls(t5, tokenizer, merger, max_answer_tokens).eval()
+        return cls(t5, tokenizer, merger, max_answer_tokens, depth_layers).eval()
 
     @property
     def device(self) -> torch.device:
@@ -106,19 +120,26 @@ class Synthesizer:
         enc = self.tokenizer(
             passages, max_length=self.max_answer_tokens, truncation=True, padding=True, return_tensors="pt"
         ).to(self.device)
-        states = self.t5.encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        N = self.merger.config.depth_layers
+        out = self.t5.encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=N > 0)
+        states = out.last_hidden_state
         B, K, L, D = len(requests), max(len(r.answers) for r in requests), states.shape[1], states.shape[2]
         x = states.new_zeros(B, K, L, D)  # (B, K, L, D); absent answers stay zero and masked
         mask = torch.zeros(B, K, L, dtype=torch.bool, device=self.device)
         weights = torch.ones(B, K, device=self.device, dtype=states.dtype)
+        # The last N hidden states (the last one is last_hidden_state) for the merger's depth mix.
+        depth = torch.stack(out.hidden_states[-N:]) if N else None  # (N, passages, L, D)
+        layers = states.new_zeros(N, B, K, L, D) if N else None  # (N, B, K, L, D)
         n = 0
         for b, r in enumerate(requests):
             for k, a in enumerate(r.answers):
                 x[b, k] = states[n]
                 mask[b, k] = enc.attention_mask[n].bool()
                 weights[b, k] = a.weight
+                if layers is not None:
+                    layers[:, b, k] = depth[:, n]
                 n += 1
-        fused = self.merger(x, mask, weights)  # (B, K, L, D)
+        fused = self.merger(x, mask, weights, layers)  # (B, K, L, D)
         return fused.reshape(B, K * L, D), mask.reshape(B, K * L)
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:

@@ -275,3 +275,155 @@ def test_fusion_cli_trains_and_merger_service_loads_by_path(zoo: Path, tmp_path:
     assert torch.equal(service.synth.merger.gate, trained.gate)
     result = asyncio.run(service.synthesize({"query": "q1", "answers": rows[1]["answers"], "max_tokens": 4}))
     assert result["completion_tokens"] >= 1 and result["synthesis"] == "fusion"
+
+
+# --- depth-wise (DCA-style) merger input and the per-answer-block attention (issue 16) ---
+
+OPTION_SETS = [
+    {},
+    {"num_kv_heads": 2},
+    {"qk_norm": True},
+    {"softcap": 0.5},
+    {"num_kv_heads": 2, "qk_norm": True, "softcap": 20.0},
+    {"routing_bias": False},
+]
+
+
+def depth_inputs(x: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """n hidden states whose last is x; earlier ones at another scale, like T5's raw residual stream."""
+    torch.manual_seed(2)
+    return torch.stack([*(torch.randn_like(x) * (3.0 + i) for i in range(n - 1)), x])  # (N, B, K, L, D)
+
+
+def spread_depth(m: AdvancedCrossAttentionMerger) -> AdvancedCrossAttentionMerger:
+    """Move the depth mix off the last layer, as training would."""
+    with torch.no_grad():
+        m.depth.static.add_(0.3 * torch.randn_like(m.depth.static))
+        m.depth.dynamic.add_(0.3 * torch.randn_like(m.depth.dynamic))
+        for norm in m.depth.norms:
+            norm.weight.add_(0.1 * torch.randn_like(norm.weight))
+    return m
+
+
+@pytest.mark.parametrize("kw", OPTION_SETS)
+def test_block_attention_equals_dense_mask_path(kw: dict) -> None:
+    from fusion.merger import dense_reference_attention
+
+    m = opened(merger(**kw))
+    x, mask = inputs(B=3, K=4, L=5)
+    mask[0, 1, 3:] = False  # padding inside an answer
+    mask[1, 2] = False  # an absent answer
+    mask[2, 1:] = False  # only one answer present: its tokens have nothing to attend to
+    w = torch.tensor([[0.9, 0.5, 0.1, 0.7], [1.0, 1.0, 1.0, 1.0], [0.2, 0.3, 0.4, 0.5]])
+    for weights in (None, w):
+        ref = dense_reference_attention(m, x, mask, weights)
+        out = m(x, mask, weights)
+        assert torch.allclose(out, ref, atol=1e-6, rtol=0), (kw, (out - ref).abs().max())
+        assert not torch.allclose(out, x)  # the attention path really contributes
+        assert torch.equal(out[2, 0], x[2, 0])  # the only real answer has nothing to read: left as it is
+
+
+def test_depth_off_keeps_the_merger_unchanged() -> None:
+    # Same parameters, same initial values and same checkpoint keys as a merger without the option:
+    # old merger directories load, and the depth-off path has no new code in it.
+    m = merger()
+    assert m.depth is None
+    assert set(m.state_dict()) == {"norm.weight", "wq.weight", "wk.weight", "wv.weight", "wo.weight", "gate"}
+    on = merger(depth_layers=3)
+    for k, v in m.state_dict().items():
+        assert torch.equal(on.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("kw", OPTION_SETS[:1] + OPTION_SETS[4:5])
+def test_identity_at_init_with_depth(kw: dict) -> None:
+    x, mask = inputs()
+    layers = depth_inputs(x)
+    m = merger(depth_layers=3, **kw)
+    assert torch.equal(m(x, mask, None, layers), x)
+    assert torch.equal(m(x, mask, torch.tensor([[0.9, 0.5, 0.1], [1.0, 1.0, 1.0]]), layers), x)
+    # With the gate open, the untrained depth mix is exactly the last layer: the same output as depth off.
+    opened(m)
+    off = opened(merger(**kw))
+    assert torch.equal(m(x, mask, None, layers), off(x, mask))
+
+
+def test_depth_mix_reads_earlier_layers_once_trained() -> None:
+    x, mask = inputs()
+    layers = depth_inputs(x)
+    m = spread_depth(opened(merger(depth_layers=3)))
+    base = m(x, mask, None, layers)
+    assert not torch.allclose(base, opened(merger())(x, mask))
+    moved = layers.clone()
+    moved[0] += 1.0  # change only the earliest hidden state
+    assert not torch.allclose(m(x, mask, None, moved), base)
+
+
+def test_depth_needs_layers_of_the_right_shape() -> None:
+    m = merger(depth_layers=3)
+    x, mask = inputs()
+    with pytest.raises(
+        ValueError, match=r"depth_layers=3 needs layers of shape \(N, B, K, L, D\) = \(3, 2, 3, 5, 32\)"
+    ):
+        m(x, mask)
+    with pytest.raises(ValueError, match=r"got \(2, 2, 3, 5, 32\)"):
+        m(x, mask, None, depth_inputs(x, n=2))
+    with pytest.raises(ValueError, match=r"depth_layers must be 0 .* got 1"):
+        MergerConfig(d_model=D, num_heads=4, depth_layers=1)
+
+
+def test_gradients_reach_every_depth_parameter() -> None:
+    m = spread_depth(opened(merger(depth_layers=3, num_kv_heads=2, qk_norm=True, softcap=30.0))).train()
+    x, mask = inputs()
+    m(x, mask, torch.rand(2, 3) + 0.1, depth_inputs(x)).pow(2).sum().backward()
+    names = [n for n, _ in m.named_parameters()]
+    assert {"depth.static", "depth.dynamic", "depth.norms.0.weight", "depth.norms.1.weight"} <= set(names)
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_depth_save_load_round_trip(tmp_path: Path) -> None:
+    m = spread_depth(opened(merger(depth_layers=3, num_kv_heads=2)))
+    m.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "merger.json").read_text())["depth_layers"] == 3
+    loaded = AdvancedCrossAttentionMerger.load(tmp_path / "m").eval()
+    assert loaded.config == m.config
+    x, mask = inputs()
+    layers = depth_inputs(x)
+    assert torch.equal(loaded(x, mask, None, layers), m(x, mask, None, layers))
+
+
+def test_synthesizer_depth_untrained_is_plain_fid_and_trains(synth: Synthesizer, tmp_path: Path) -> None:
+    from fusion.train import FusionExample
+
+    depth = Synthesizer(synth.t5, synth.tokenizer, max_answer_tokens=48, depth_layers=3).eval()  # 2 layers + emb
+    reqs = [req("what helps a fever?", "rest and fluids", "drink water"), req("hi", "hello", "hey", "yo")]
+    assert torch.equal(depth.encode(reqs)[0], synth.encode(reqs)[0])  # identity at init, bit for bit
+    assert depth.generate(reqs, max_new_tokens=6) == synth.generate(reqs, max_new_tokens=6)
+
+    # Training the depth-wise merger alone (T5 frozen, the production recipe) lowers the loss and
+    # moves the depth mix off the last layer.
+    data = [FusionExample(req(f"q{i}", f"alpha {i}", f"beta {i}"), f"alpha {i} beta") for i in range(8)]
+    hist = train_fusion(depth, data, data, FusionTrainConfig(mode="frozen", epochs=4, lr=1e-2), progress=False)
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    static = depth.merger.depth.static.detach()
+    assert static[:, :-1].abs().sum() > 0
+    depth.merger.save(tmp_path / "m")
+    reloaded = Synthesizer(synth.t5, synth.tokenizer, AdvancedCrossAttentionMerger.load(tmp_path / "m"), 48).eval()
+    assert torch.equal(reloaded.encode(reqs)[0], depth.encode(reqs)[0])
+
+
+def test_depth_layers_bounds_name_the_value(zoo: Path) -> None:
+    from pydantic import ValidationError
+
+    from deployments.config import MergerConfig as MergerDeploymentConfig
+
+    with pytest.raises(ValidationError, match="depth_layers"):
+        MergerDeploymentConfig(model=str(zoo / "t5"), depth_layers=1)
+    with pytest.raises(ValueError, match=r"depth_layers=9 exceeds the 3 hidden states"):
+        Synthesizer.from_pretrained(str(zoo / "t5"), depth_layers=9)
+    # The deployment's field reaches the merger the service builds.
+    from deployments.merger import MergerService
+
+    service = MergerService(MergerDeploymentConfig(model=str(zoo / "t5"), depth_layers=3, max_new_tokens=4))
+    assert service.synth.merger.config.depth_layers == 3
