@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import random
@@ -27,6 +28,7 @@ class DataError(ValueError):
 class Example:
     text: str
     labels: list[str]
+    source: str = ""  # dataset the prompt came from (router/data/SOURCES.md); empty for user data
 
 
 @dataclass
@@ -45,12 +47,13 @@ class TrainConfig:
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
-    """{"text": str, "labels": [str, ...]} per line; bad lines raise with their line number."""
+    """{"text": str, "labels": [str, ...], "source"?: str} per line (.jsonl or .jsonl.gz); bad lines name their line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     out = []
-    with path.open(encoding="utf-8") as fh:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -65,7 +68,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise DataError(f"{path}:{n}: 'text' must be a non-empty string")
             if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
                 raise DataError(f"{path}:{n}: 'labels' must be a non-empty list of strings, got {labels!r}")
-            out.append(Example(text, labels))
+            source = row.get("source", "")
+            out.append(Example(text, labels, source if isinstance(source, str) else ""))
     if not out:
         raise DataError(f"{path}: no examples")
     return out

