@@ -255,6 +255,7 @@ class Council:
         name = decision.specialists[0]
         routing = self._routing(decision)
         sent = False
+        t0 = time.perf_counter()
         try:
             async for item in self.specialists.stream(name, {**payload, "specialist": name}):
                 if "error" in item:
@@ -262,6 +263,7 @@ class Council:
                     break
                 if item.get("finish_reason"):
                     routing.used = [name]
+                    routing.timings_ms[name] = round((time.perf_counter() - t0) * 1000, 2)  # whole stream
                     metrics.generated(name, item.get("completion_tokens", 0))
                     if item.get("text"):
                         yield StreamEvent(text=item["text"])
