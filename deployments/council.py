@@ -367,6 +367,7 @@ class Council:
         sent = False
         retry_after: float | None = None
         source = self.specialists.stream(name, {**payload, "specialist": name})
+        t0 = time.perf_counter()
         try:
             async for item in timed_stream(source, spec.ttft_timeout_s, spec.stall_timeout_s):
                 if item.get("retries"):
@@ -376,6 +377,7 @@ class Council:
                     break
                 if item.get("finish_reason"):
                     routing.used = [name]
+                    routing.timings_ms[name] = round((time.perf_counter() - t0) * 1000, 2)  # whole stream
                     metrics.generated(name, item.get("completion_tokens", 0))
                     if item.get("text") or item.get("logprobs"):
                         yield StreamEvent(text=item["text"], logprobs=item.get("logprobs"))

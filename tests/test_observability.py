@@ -344,6 +344,7 @@ def test_playground_streams_and_shows_routing(served: dict, browser, tmp_path: P
     pinned = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
     chips = [e.text for e in pinned.find_elements(By.CSS_SELECTOR, ".chips span")]
     assert "pinned" in chips and "used: code" in chips and "used: medical" not in chips
+    assert "code" in pinned.find_element(By.CSS_SELECTOR, "table.timings").text
     assert "assistant · code" in pinned.find_element(By.CSS_SELECTOR, ".who").text
 
     ARTIFACTS.mkdir(exist_ok=True)
