@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -198,6 +199,9 @@ class Council:
     def _decide_and_count(self, payload: dict[str, Any]) -> RoutingDecision:
         """decide() for a request that will be served: counted in the routing metrics and logged."""
         decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        if payload.get("response_format") and len(decision.specialists) > 1:
+            # A merged answer is free text: output constrained to a format comes from the best specialist alone.
+            decision = dataclasses.replace(decision, specialists=decision.specialists[:1])
         metrics.decision(decision.specialists, decision.scores, decision.fell_back, decision.pinned)
         logger.info(
             "route model=%s -> %s%s",

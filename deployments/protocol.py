@@ -227,6 +227,8 @@ class _SamplingFields(_Strict):
         for name, harmless in _UNSUPPORTED.items():
             if name in type(self).model_fields and not harmless(getattr(self, name)):
                 if name == "top_logprobs" and "logprobs" in supported:
+                    if self.logprobs is not True:
+                        return name, "top_logprobs requires logprobs: true"
                     continue
                 return name, f"{name} is not supported by this service"
         if self.logprobs is not None and self.logprobs is not False and "logprobs" not in supported:

@@ -206,8 +206,9 @@ class RouterIngress:
         self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
         self.token_limit = min(s.generation.max_new_tokens_limit for s in self.config.specialists)
         self._api_key: SecretStr | None = self.config.server.read_api_key()
-        # Optional OpenAI features every engine provides (HF and vLLM both report logprobs).
-        self.supported: frozenset[str] = frozenset({"logprobs"})
+        # Optional OpenAI features every engine provides: HF and vLLM both report logprobs and both
+        # constrain output to a response_format (xgrammar masks in the HF engine; vLLM's structured outputs).
+        self.supported: frozenset[str] = frozenset({"logprobs", "response_format"})
 
     # ---- request plumbing ----------------------------------------------------------------------------
 
@@ -288,6 +289,9 @@ class RouterIngress:
             "seed": req.seed,
             "logprobs": req.logprobs_k(),
         }
+        if req.response_format is not None and req.response_format.constrained:
+            # JSON text: the engines compile it against their own tokenizer (HF: xgrammar; vLLM: its backend).
+            payload["response_format"] = json.dumps(req.response_format.model_dump(mode="json", by_alias=True))
         if isinstance(req, ChatCompletionRequest):
             try:
                 messages = [{"role": m.role, "content": m.text()} for m in req.messages]

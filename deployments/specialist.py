@@ -69,6 +69,7 @@ class SpecialistGroup:
             stop=tuple(payload.get("stop") or ()),
             seed=payload.get("seed"),
             logprobs=payload.get("logprobs"),
+            response_format=payload.get("response_format"),
         )
         messages = payload.get("messages")
         if messages is not None:

@@ -50,6 +50,7 @@ def test_strict_types_and_bounded_seed() -> None:
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("logprobs", True),
         ("response_format", {"type": "json_object"}),
+        ("top_logprobs", 2),
         ("logit_bias", {"5": 1}),
         ("presence_penalty", 0.2),
     ],
@@ -57,8 +58,10 @@ def test_strict_types_and_bounded_seed() -> None:
 def test_unsupported_fields_are_refused_by_name(field: str, value: object) -> None:
     req = ChatCompletionRequest.model_validate({"messages": MSG, field: value})
     assert req.refused_field()[0] == field
-    if field in ("logprobs", "response_format"):  # what the engines branch switches on at merge time
+    if field in ("logprobs", "response_format"):  # optional features: on where the engines provide them
         assert req.refused_field(frozenset({field})) is None
+    if field == "top_logprobs":  # meaningless without logprobs: true, even where logprobs are supported
+        assert req.refused_field(frozenset({"logprobs"}))[0] == "top_logprobs"
 
 
 # ---- council: scores by domain, usage, length ------------------------------------------------------------

@@ -97,3 +97,41 @@ def test_vllm_mapping() -> None:
     assert vllm_structured_outputs({"type": "json_schema", "json_schema": {"name": "any"}}) == {
         "json": {"type": "object"}
     }
+
+
+def test_hf_engine_constrains_one_row_of_a_mixed_batch(zoo: Path) -> None:
+    """Through the real engine: the constrained row validates; its unconstrained neighbour is untouched."""
+    import asyncio
+
+    from deployments.config import EngineConfig
+    from deployments.engines.base import GenerationRequest, SamplingParams
+    from deployments.engines.hf import HFEngine
+
+    engine = HFEngine(EngineConfig(model=str(zoo / "medical")))
+    try:
+        rf = json.dumps({"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        constrained = GenerationRequest(
+            prompt="hello", params=SamplingParams(temperature=0, max_new_tokens=200, response_format=rf)
+        )
+        free = GenerationRequest(prompt="hello", params=SamplingParams(temperature=0, max_new_tokens=12))
+        alone = asyncio.run(engine.generate(free))
+        both = asyncio.run(engine.generate_batch([constrained, free]))
+        jsonschema.validate(json.loads(both[0].text), PERSON)
+        assert both[0].finish_reason == "stop"  # the grammar ended the row, not the token cap
+        assert both[1].text == alone.text  # the mask is per row
+        bad = GenerationRequest(
+            prompt="hello",
+            params=SamplingParams(
+                temperature=0,
+                response_format=json.dumps(
+                    {
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}},
+                    }
+                ),
+            ),
+        )
+        with pytest.raises(ValueError, match="json_schema"):  # EngineInputError: the service answers 400
+            asyncio.run(engine.generate(bad))
+    finally:
+        engine.close()

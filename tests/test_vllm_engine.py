@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,16 @@ class FakeSamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    structured_outputs: FakeStructuredOutputsParams | None = None
+
+
+@dataclass
+class FakeStructuredOutputsParams:  # vllm.sampling_params.StructuredOutputsParams (the fields we use)
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 @dataclass
@@ -245,6 +256,7 @@ FAKE_API = types.SimpleNamespace(
     LoRARequest=FakeLoRARequest,
     TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids},
     RequestOutputKind=RequestOutputKind,
+    StructuredOutputsParams=FakeStructuredOutputsParams,
 )
 
 
@@ -355,3 +367,13 @@ def test_specialist_sends_every_request_straight_into_vllm(zoo: Path) -> None:
     assert not any(
         hasattr(getattr(SpecialistDeployment, n, None), "set_max_batch_size") for n in dir(SpecialistDeployment)
     )
+
+
+def test_response_format_maps_onto_structured_outputs(vengine: VLLMEngine) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    rf = json.dumps({"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    req = GenerationRequest(prompt="x", params=SamplingParams(temperature=0, max_new_tokens=2, response_format=rf))
+    asyncio.run(vengine.generate(req))
+    assert vengine.engine.calls[-1][1].structured_outputs == FakeStructuredOutputsParams(json=schema)
+    asyncio.run(vengine.generate(chat("plain")))
+    assert vengine.engine.calls[-1][1].structured_outputs is None  # unconstrained requests stay so

@@ -36,6 +36,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k >= 0: each token's logprob and its k best alternatives
+    # OpenAI response_format (json_object / json_schema) as JSON text; None: unconstrained output.
+    response_format: str | None = None
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:

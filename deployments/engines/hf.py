@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -232,6 +233,7 @@ class HFEngine:
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_prompt_tokens, 4096))
         self.stats = EngineStats()
         self._batch: _Batch | None = None
+        self._structured: Any = None  # the StructuredCompiler, built on the first constrained request
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="hf-engine", daemon=True)
@@ -257,6 +259,20 @@ class HFEngine:
         # Clip to the context window rather than fail: the answer can still end with "length".
         return max(1, min(params.max_new_tokens, self.context_length - prompt_len))
 
+    def _structured_processor(self, response_format: str) -> Any:
+        """A fresh grammar mask for one row (xgrammar caches the compiled schema across requests)."""
+        from deployments.engines.structured import StructuredCompiler, StructuredOutputError
+
+        if self._structured is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._structured = StructuredCompiler(
+                self.tokenizer, vocab_size=vocab, stop_token_ids=sorted(self.stop_ids)
+            )
+        try:
+            return self._structured.processor(json.loads(response_format))
+        except StructuredOutputError as err:
+            raise EngineInputError(str(err)) from None
+
     def _check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.adapters:
             raise EngineInputError(f"unknown adapter {adapter!r}; this model has {sorted(self.adapters)}")
@@ -270,11 +286,14 @@ class HFEngine:
         ids = self.render(request)
         if self._closed:
             raise RuntimeError("engine is closed")
+        processor = request.logits_processor
+        if processor is None and request.params.response_format is not None:
+            processor = self._structured_processor(request.params.response_format)
         row = _Row(
             request=request,
             prompt_ids=ids,
             sink=sink,
-            sampler=RowSampler.create(request.params, self.device, request.logits_processor),
+            sampler=RowSampler.create(request.params, self.device, processor),
             text=TextAssembler(self.tokenizer, request.params.stop),
         )
         seq = Seq(prompt_len=len(ids), max_new=self._max_new(len(ids), request.params), payload=row)

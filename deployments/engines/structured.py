@@ -52,10 +52,11 @@ def vllm_structured_outputs(response_format: dict[str, Any] | None) -> dict[str,
 class StructuredCompiler:
     """Compiles response formats against one tokenizer; compiled grammars are cached by xgrammar."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None, stop_token_ids: list[int] | None = None) -> None:
         # vocab_size: the model's logits width, which may exceed the tokenizer's (padded embeddings);
-        # ids past the tokenizer's vocabulary are then always masked.
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        # ids past the tokenizer's vocabulary are then always masked. stop_token_ids: the ids the engine
+        # stops on (all of generation_config's eos ids), so a complete JSON value ends the row there.
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.vocab_size = self.info.vocab_size
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
         self._lock = threading.Lock()  # one compiler shared by the engine's threads

@@ -80,6 +80,15 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     }
 
 
+def structured_outputs_kwargs(params: SamplingParams) -> dict[str, Any] | None:
+    """Keyword arguments for vllm.sampling_params.StructuredOutputsParams, or None when unconstrained."""
+    if params.response_format is None:
+        return None
+    from deployments.engines.structured import vllm_structured_outputs  # xgrammar comes with vLLM
+
+    return vllm_structured_outputs(json.loads(params.response_format))
+
+
 def logprob_entries(token_ids: Sequence[int], logprobs: Sequence[dict] | None, k: int | None) -> list[dict] | None:
     """vLLM's SampleLogprobs (per token: {token_id: Logprob(logprob, rank, decoded_token)}) -> ours."""
     if logprobs is None or k is None:
@@ -130,7 +139,7 @@ def real_vllm_api() -> types.SimpleNamespace:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return types.SimpleNamespace(
@@ -140,6 +149,7 @@ def real_vllm_api() -> types.SimpleNamespace:
         LoRARequest=LoRARequest,
         TokensPrompt=TokensPrompt,
         RequestOutputKind=RequestOutputKind,
+        StructuredOutputsParams=StructuredOutputsParams,
     )
 
 
@@ -177,6 +187,9 @@ class VLLMEngine:
         kw = sampling_kwargs(request.params)
         kw["max_tokens"] = max(1, min(kw["max_tokens"], self.context_length - len(ids)))
         kind = self.api.RequestOutputKind.DELTA if stream else self.api.RequestOutputKind.FINAL_ONLY
+        structured = structured_outputs_kwargs(request.params)
+        if structured is not None:
+            kw["structured_outputs"] = self.api.StructuredOutputsParams(**structured)
         sampling = self.api.SamplingParams(output_kind=kind, **kw)
         lora_kw = self.loras.request_kwargs(request.adapter)
         lora = self.api.LoRARequest(**lora_kw) if lora_kw else None
