@@ -192,6 +192,18 @@ def test_object_store_uris_are_rejected_and_hub_ids_pass() -> None:
         check_cluster_paths(bad, nodes=two_nodes)
 
 
+def test_one_node_keeps_relative_paths_and_a_missing_merger_weights_dir_is_named(zoo: Path) -> None:
+    from deployments.paths import check_cluster_paths
+
+    args = cluster_args(zoo)
+    args["specialists"][0]["model"] = os.path.relpath(zoo / "medical")
+    config = parse_graph_config(args)
+    check_cluster_paths(config, nodes=[{"NodeID": "only", "Alive": True}])  # `serve run` on one machine
+    args["merger"]["merger_weights"] = str(zoo / "no-such-merger")
+    with pytest.raises(ConfigError, match=r"merger\.merger_weights: '.*no-such-merger' does not exist"):
+        check_cluster_paths(parse_graph_config(args), nodes=[{"NodeID": "only", "Alive": True}])
+
+
 # ---- KubeRay manifest -----------------------------------------------------------------------------
 
 
