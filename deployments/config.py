@@ -220,7 +220,7 @@ class MergerConfig(_Strict):
     )
     model: str = Field(..., min_length=1, description="T5 checkpoint (fusion) or causal LM checkpoint (aggregate).")
     aggregate_prompt: str | None = Field(
-        None, max_length=8192, description="System prompt of the aggregate mode; None uses the built-in one."
+        None, max_length=8192, description="Instruction ending the aggregate prompt; None uses the built-in one."
     )
     merger_weights: str | None = Field(None, description="Trained merger directory; None = identity merger.")
     depth_layers: int = Field(

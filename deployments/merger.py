@@ -21,24 +21,22 @@ from fusion.synthesizer import Answer, SynthesisRequest, Synthesizer
 
 logger = logging.getLogger(__name__)
 
-# Mixture-of-Agents' aggregate-and-synthesize prompt (Wang et al., 2024), shortened for a small model.
-AGGREGATE_PROMPT = (
-    "You have been given answers from several experts to the user's question. "
-    "Write one answer that combines them: keep what each expert got right, include the important points "
-    "of every answer, drop repetition and anything wrong. Do not mention the experts."
-)
+# Mixture-of-Agents' aggregate-and-synthesize prompt (Wang et al., 2024), cut down for a small model: a
+# 135M model follows one user message that ends in the instruction better than a long system prompt.
+AGGREGATE_PROMPT = "Merge these answers into one answer to the question. Include the key points of every answer."
 CHARS_PER_TOKEN = 4  # budget answers in characters: the prompt is built before any engine tokenises it
 
 
-def aggregate_messages(payload: dict[str, Any], system: str, max_answer_chars: int) -> tuple[dict[str, str], ...]:
-    """The chat an aggregator sees: instructions and numbered expert answers, then the question."""
-    parts = [system, ""]
-    for i, a in enumerate(payload["answers"], 1):
+def aggregate_messages(payload: dict[str, Any], instruction: str, max_answer_chars: int) -> tuple[dict[str, str], ...]:
+    """The chat an aggregator sees: the question, the lettered expert answers, then the instruction."""
+    parts = [f'Here are {len(payload["answers"])} answers to the question "{payload["query"]}"', ""]
+    for i, a in enumerate(payload["answers"]):
         text = a["text"].strip()
         if len(text) > max_answer_chars:
             text = text[:max_answer_chars].rsplit(" ", 1)[0] + " ..."
-        parts.append(f"Expert {i} ({a['domain']}):\n{text}\n")
-    return ({"role": "system", "content": "\n".join(parts).strip()}, {"role": "user", "content": payload["query"]})
+        parts.append(f"Answer {chr(ord('A') + i % 26)} ({a['domain']}):\n{text}\n")
+    parts.append(instruction)
+    return ({"role": "user", "content": "\n".join(parts)},)
 
 
 class AggregateSynthesis:
@@ -54,12 +52,12 @@ class AggregateSynthesis:
         self.config = config
         engine_config = EngineConfig(model=config.model, device=config.device, dtype=config.dtype)
         self.engine = select_engine_class(engine_config)(engine_config)
-        self.system = config.aggregate_prompt or AGGREGATE_PROMPT
+        self.instruction = config.aggregate_prompt or AGGREGATE_PROMPT
 
     def request(self, payload: dict[str, Any]) -> GenerationRequest:
         cap = min(payload.get("max_tokens") or self.config.max_new_tokens, self.config.max_new_tokens)
         params = SamplingParams(temperature=self.config.temperature, top_p=self.config.top_p, max_new_tokens=cap)
-        messages = aggregate_messages(payload, self.system, self.config.max_answer_tokens * CHARS_PER_TOKEN)
+        messages = aggregate_messages(payload, self.instruction, self.config.max_answer_tokens * CHARS_PER_TOKEN)
         return GenerationRequest(messages=messages, params=params)
 
     async def synthesize_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     for domain in SOURCES:
         p.add_argument(f"--{domain}-repo", type=Path, help=f"git clone (or bare mirror) of {SOURCES[domain].repo}")
     p.add_argument("--sources", type=Path, help="clone every source not given above into this directory")
-    p.add_argument("--train", type=int, default=200, help="training examples per domain")
-    p.add_argument("--heldout", type=int, default=40, help="held-out examples per domain")
+    p.add_argument("--train", type=int, default=64, help="training examples per domain")
+    p.add_argument("--heldout", type=int, default=20, help="held-out examples per domain")
     args = p.parse_args(argv)
     repos = {d: getattr(args, f"{d}_repo") for d in SOURCES if getattr(args, f"{d}_repo") is not None}
     if args.sources is not None:
