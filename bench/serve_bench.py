@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -136,7 +137,7 @@ def client_for(concurrency: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=300, limits=limits)
 
 
-async def throughput(url: str, model: str, concurrency: int, total: int, max_tokens: int) -> dict:
+async def throughput(url: str, model: str, concurrency: int, total: int, max_tokens: int, stats=None) -> dict:
     lat: list[float] = []
     codes: list[int] = []
     tokens = 0
@@ -155,9 +156,18 @@ async def throughput(url: str, model: str, concurrency: int, total: int, max_tok
                     lat.append(dt)
                     tokens += r.json()["usage"]["completion_tokens"]
 
+        before = await stats() if stats else None
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        after = await stats() if stats else None
+    engine = {}
+    if before and after:
+        steps = after["steps"] - before["steps"]
+        engine = {
+            "engine_busy": (after["busy_s"] - before["busy_s"]) / wall,  # fraction of wall time in decoding steps
+            "rows_per_step": (after["tokens"] - before["tokens"]) / max(1, steps),
+        }
     return {
         "concurrency": concurrency,
         "requests": total,
@@ -167,6 +177,7 @@ async def throughput(url: str, model: str, concurrency: int, total: int, max_tok
         "tok_per_s": tokens / wall,
         "p50_ms": percentile(lat, 50) * 1000,
         "p99_ms": percentile(lat, 99) * 1000,
+        **engine,
     }
 
 
@@ -252,12 +263,12 @@ async def short_during_long(url: str, model: str, long_tokens: int, n: int = 8) 
 
 async def disconnect(url: str, model: str, stats) -> dict:
     """Read a few chunks of a 400-token stream, hang up, and watch the engine drop the row."""
-    before = stats()
+    before = await stats()
     async with client_for(2) as client:
         got = await stream_once(client, url, body("Tell me everything about fevers.", model, 400), stop_after=3)
     t_close = time.perf_counter()
     deadline = t_close + 30
-    while (s := stats())["aborted"] == before["aborted"] and time.perf_counter() < deadline:
+    while (s := await stats())["aborted"] == before["aborted"] and time.perf_counter() < deadline:
         await asyncio.sleep(0.005)
     return {
         "aborted_rows": s["aborted"] - before["aborted"],
@@ -270,16 +281,25 @@ async def disconnect(url: str, model: str, stats) -> dict:
 
 async def overload(url: str, model: str, flood: int, max_tokens: int) -> dict:
     async with client_for(flood) as client:
-        res = await asyncio.gather(*(post(client, url, body(SINGLE, model, max_tokens)) for _ in range(flood)))
+        tasks = [asyncio.create_task(post(client, url, body(SINGLE, model, max_tokens))) for _ in range(flood)]
+        # Refusals come back at once; the accepted ones are still generating after a few seconds, and
+        # are then dropped by hanging up (which the engine turns into aborted rows).
+        done, pending = await asyncio.wait(tasks, timeout=8)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    res = [t.result() for t in done]
     refused = [(dt, r) for dt, r in res if r.status_code == 503]
     lat = [dt for dt, _ in refused]
     return {
         "sent": flood,
         "ok": sum(r.status_code == 200 for _, r in res),
+        "still_running_after_8s": len(pending),
         "503": len(refused),
         "503_p50_ms": percentile(lat, 50) * 1000,
         "503_p99_ms": percentile(lat, 99) * 1000,
         "503_max_ms": max(lat, default=float("nan")) * 1000,
+        "codes": dict(Counter(r.json()["error"].get("code") if r.status_code != 200 else 200 for _, r in res)),
         "retry_after": refused[0][1].headers.get("retry-after") if refused else None,
         "openai_body": bool(refused) and refused[0][1].json()["error"]["code"] == "overloaded",
     }
@@ -289,14 +309,17 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
     model = "medical"
     spec = next(s for s in graph["specialists"] if s["name"] == model)
     bound = spec["deployment"]["max_ongoing_requests"] + spec["deployment"]["max_queued_requests"]
-    tp = [asyncio.run(throughput(url, model, c, max(64, 2 * c) if not quick else max(16, c), 16)) for c in (1, 32, 256)]
+    tp = [
+        asyncio.run(throughput(url, model, c, max(64, 2 * c) if not quick else max(16, c), 16, stats))
+        for c in (1, 32, 256)
+    ]
     print_table(f"pinned {model}, max_tokens 16, greedy: throughput", tp)
     tt = [asyncio.run(ttft(url, model, c, 32 if c == 1 else 128, 16)) for c in (1, 32)]
     print_table("time to first token (streams, max_tokens 16)", tt)
     sv = asyncio.run(streams_vs_one(url, model, 8, 200))
     sd = asyncio.run(short_during_long(url, model, 400))
     dc = asyncio.run(disconnect(url, model, stats)) if stats is not None else None
-    ov = asyncio.run(overload(url, model, bound + 64, 64))
+    ov = asyncio.run(overload(url, model, bound + 128, 400))  # long answers keep every slot busy
     c32, c256 = tp[1]["req_per_s"], tp[2]["req_per_s"]
     summary = [
         {"measure": "c256 / c32 throughput (target >= 0.9)", "value": c256 / c32},
@@ -321,6 +344,7 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
             "value": f"{ov['503_p50_ms']:.1f} | {ov['503_p99_ms']:.1f} | {ov['503_max_ms']:.1f}",
         },
         {"measure": "503 has Retry-After | OpenAI error body", "value": f"{ov['retry_after']} | {ov['openai_body']}"},
+        {"measure": "  answers by status / error code", "value": str(ov["codes"])},
     ]
     if dc is not None:
         summary += [
@@ -373,7 +397,11 @@ def engine_stats_reader(name: str):
     from ray import serve
 
     handle = serve.get_deployment_handle(f"specialist-{name}", app_name="consilium")
-    return lambda: handle.engine_stats.remote().result()
+
+    async def read() -> dict:
+        return await handle.engine_stats.remote()
+
+    return read
 
 
 def main() -> None:
