@@ -368,6 +368,52 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
     return [*tp, *tt, {"streams_vs_one": sv}, {"short_during_long": sd}, {"disconnect": dc}, {"overload": ov}, *summary]
 
 
+def engine_alone(zoo: Path, max_tokens: int = 16) -> list[dict]:
+    """The same pinned work on the HF engine in this process (no Serve, no HTTP): where does c256 go?"""
+    import torch
+
+    from deployments.config import EngineConfig
+    from deployments.engines.base import GenerationRequest, SamplingParams
+    from deployments.engines.hf import HFEngine
+
+    torch.set_num_threads(1)  # as in a Serve replica (Ray sets OMP_NUM_THREADS from num_cpus)
+    engine = HFEngine(EngineConfig(model=str(zoo / "medical")))
+    req = GenerationRequest(
+        messages=({"role": "user", "content": SINGLE},),
+        params=SamplingParams(temperature=0.0, max_new_tokens=max_tokens),
+    )
+
+    async def run(c: int, total: int) -> dict:
+        left = list(range(total))
+        tokens = 0
+
+        async def worker() -> None:
+            nonlocal tokens
+            while left:
+                left.pop()
+                n = (await engine.generate(req)).completion_tokens  # read after the await: no lost update
+                tokens += n
+
+        await engine.generate(req)
+        before = engine.engine_stats()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        wall = time.perf_counter() - t0
+        after = engine.engine_stats()
+        steps = max(1, after["steps"] - before["steps"])
+        return {
+            "concurrency": c,
+            "req_per_s": total / wall,
+            "tok_per_s": tokens / wall,
+            "rows_per_step": tokens / steps,
+        }
+
+    rows = [asyncio.run(run(c, max(64, 2 * c))) for c in (1, 32, 256)]
+    engine.close()
+    print_table(f"HF engine alone (in process), zoo medical, max_tokens {max_tokens}", rows)
+    return rows
+
+
 def tiny_graph(zoo: Path) -> dict:
     import yaml
 
@@ -411,7 +457,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     ap.add_argument("--start", action="store_true", help=f"host configs/tiny.yaml on port {PORT} for the run")
-    ap.add_argument("--sections", default="engines,load,fanout", help="comma-separated: engines, load, fanout")
+    ap.add_argument(
+        "--sections", default="inprocess,engines,load,fanout", help="comma-separated: inprocess, engines, load, fanout"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer requests per level")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -425,6 +473,8 @@ def main() -> None:
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("serve_bench only targets a service on this machine (loopback)")
     try:
+        if "inprocess" in sections:
+            print("saved", save("engine_alone", engine_alone(Path(args.zoo))))
         if "engines" in sections:
             rows = engines_section(args.url, graph, stats, args.quick)
             print("saved", save("serve_engines", rows, url=args.url, self_hosted=args.start))
