@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # one thread each, as in a Serve replica; fair on a shared machine
     model_dir = str(Path(args.zoo) / "general")
     prompts = [f"question {i}: what helps with a fever of {38 + i % 3} degrees?" for i in range(args.requests)]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_tokens, logprobs=0)

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -136,7 +137,7 @@ def client_for(concurrency: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=300, limits=limits)
 
 
-async def throughput(url: str, model: str, concurrency: int, total: int, max_tokens: int) -> dict:
+async def throughput(url: str, model: str, concurrency: int, total: int, max_tokens: int, stats=None) -> dict:
     lat: list[float] = []
     codes: list[int] = []
     tokens = 0
@@ -155,9 +156,18 @@ async def throughput(url: str, model: str, concurrency: int, total: int, max_tok
                     lat.append(dt)
                     tokens += r.json()["usage"]["completion_tokens"]
 
+        before = await stats() if stats else None
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        after = await stats() if stats else None
+    engine = {}
+    if before and after:
+        steps = after["steps"] - before["steps"]
+        engine = {
+            "engine_busy": (after["busy_s"] - before["busy_s"]) / wall,  # fraction of wall time in decoding steps
+            "rows_per_step": (after["tokens"] - before["tokens"]) / max(1, steps),
+        }
     return {
         "concurrency": concurrency,
         "requests": total,
@@ -167,6 +177,7 @@ async def throughput(url: str, model: str, concurrency: int, total: int, max_tok
         "tok_per_s": tokens / wall,
         "p50_ms": percentile(lat, 50) * 1000,
         "p99_ms": percentile(lat, 99) * 1000,
+        **engine,
     }
 
 
@@ -252,12 +263,12 @@ async def short_during_long(url: str, model: str, long_tokens: int, n: int = 8) 
 
 async def disconnect(url: str, model: str, stats) -> dict:
     """Read a few chunks of a 400-token stream, hang up, and watch the engine drop the row."""
-    before = stats()
+    before = await stats()
     async with client_for(2) as client:
         got = await stream_once(client, url, body("Tell me everything about fevers.", model, 400), stop_after=3)
     t_close = time.perf_counter()
     deadline = t_close + 30
-    while (s := stats())["aborted"] == before["aborted"] and time.perf_counter() < deadline:
+    while (s := await stats())["aborted"] == before["aborted"] and time.perf_counter() < deadline:
         await asyncio.sleep(0.005)
     return {
         "aborted_rows": s["aborted"] - before["aborted"],
@@ -270,16 +281,25 @@ async def disconnect(url: str, model: str, stats) -> dict:
 
 async def overload(url: str, model: str, flood: int, max_tokens: int) -> dict:
     async with client_for(flood) as client:
-        res = await asyncio.gather(*(post(client, url, body(SINGLE, model, max_tokens)) for _ in range(flood)))
+        tasks = [asyncio.create_task(post(client, url, body(SINGLE, model, max_tokens))) for _ in range(flood)]
+        # Refusals come back at once; the accepted ones are still generating after a few seconds, and
+        # are then dropped by hanging up (which the engine turns into aborted rows).
+        done, pending = await asyncio.wait(tasks, timeout=8)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    res = [t.result() for t in done]
     refused = [(dt, r) for dt, r in res if r.status_code == 503]
     lat = [dt for dt, _ in refused]
     return {
         "sent": flood,
         "ok": sum(r.status_code == 200 for _, r in res),
+        "still_running_after_8s": len(pending),
         "503": len(refused),
         "503_p50_ms": percentile(lat, 50) * 1000,
         "503_p99_ms": percentile(lat, 99) * 1000,
         "503_max_ms": max(lat, default=float("nan")) * 1000,
+        "codes": dict(Counter(r.json()["error"].get("code") if r.status_code != 200 else 200 for _, r in res)),
         "retry_after": refused[0][1].headers.get("retry-after") if refused else None,
         "openai_body": bool(refused) and refused[0][1].json()["error"]["code"] == "overloaded",
     }
@@ -289,14 +309,17 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
     model = "medical"
     spec = next(s for s in graph["specialists"] if s["name"] == model)
     bound = spec["deployment"]["max_ongoing_requests"] + spec["deployment"]["max_queued_requests"]
-    tp = [asyncio.run(throughput(url, model, c, max(64, 2 * c) if not quick else max(16, c), 16)) for c in (1, 32, 256)]
+    tp = [
+        asyncio.run(throughput(url, model, c, max(64, 2 * c) if not quick else max(16, c), 16, stats))
+        for c in (1, 32, 256)
+    ]
     print_table(f"pinned {model}, max_tokens 16, greedy: throughput", tp)
     tt = [asyncio.run(ttft(url, model, c, 32 if c == 1 else 128, 16)) for c in (1, 32)]
     print_table("time to first token (streams, max_tokens 16)", tt)
     sv = asyncio.run(streams_vs_one(url, model, 8, 200))
     sd = asyncio.run(short_during_long(url, model, 400))
     dc = asyncio.run(disconnect(url, model, stats)) if stats is not None else None
-    ov = asyncio.run(overload(url, model, bound + 64, 64))
+    ov = asyncio.run(overload(url, model, bound + 128, 400))  # long answers keep every slot busy
     c32, c256 = tp[1]["req_per_s"], tp[2]["req_per_s"]
     summary = [
         {"measure": "c256 / c32 throughput (target >= 0.9)", "value": c256 / c32},
@@ -321,6 +344,7 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
             "value": f"{ov['503_p50_ms']:.1f} | {ov['503_p99_ms']:.1f} | {ov['503_max_ms']:.1f}",
         },
         {"measure": "503 has Retry-After | OpenAI error body", "value": f"{ov['retry_after']} | {ov['openai_body']}"},
+        {"measure": "  answers by status / error code", "value": str(ov["codes"])},
     ]
     if dc is not None:
         summary += [
@@ -342,6 +366,52 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
         )
     print_table("engines under load (issue #11)", summary)
     return [*tp, *tt, {"streams_vs_one": sv}, {"short_during_long": sd}, {"disconnect": dc}, {"overload": ov}, *summary]
+
+
+def engine_alone(zoo: Path, max_tokens: int = 16) -> list[dict]:
+    """The same pinned work on the HF engine in this process (no Serve, no HTTP): where does c256 go?"""
+    import torch
+
+    from deployments.config import EngineConfig
+    from deployments.engines.base import GenerationRequest, SamplingParams
+    from deployments.engines.hf import HFEngine
+
+    torch.set_num_threads(1)  # as in a Serve replica (Ray sets OMP_NUM_THREADS from num_cpus)
+    engine = HFEngine(EngineConfig(model=str(zoo / "medical")))
+    req = GenerationRequest(
+        messages=({"role": "user", "content": SINGLE},),
+        params=SamplingParams(temperature=0.0, max_new_tokens=max_tokens),
+    )
+
+    async def run(c: int, total: int) -> dict:
+        left = list(range(total))
+        tokens = 0
+
+        async def worker() -> None:
+            nonlocal tokens
+            while left:
+                left.pop()
+                n = (await engine.generate(req)).completion_tokens  # read after the await: no lost update
+                tokens += n
+
+        await engine.generate(req)
+        before = engine.engine_stats()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        wall = time.perf_counter() - t0
+        after = engine.engine_stats()
+        steps = max(1, after["steps"] - before["steps"])
+        return {
+            "concurrency": c,
+            "req_per_s": total / wall,
+            "tok_per_s": tokens / wall,
+            "rows_per_step": tokens / steps,
+        }
+
+    rows = [asyncio.run(run(c, max(64, 2 * c))) for c in (1, 32, 256)]
+    engine.close()
+    print_table(f"HF engine alone (in process), zoo medical, max_tokens {max_tokens}", rows)
+    return rows
 
 
 def tiny_graph(zoo: Path) -> dict:
@@ -373,7 +443,11 @@ def engine_stats_reader(name: str):
     from ray import serve
 
     handle = serve.get_deployment_handle(f"specialist-{name}", app_name="consilium")
-    return lambda: handle.engine_stats.remote().result()
+
+    async def read() -> dict:
+        return await handle.engine_stats.remote()
+
+    return read
 
 
 def main() -> None:
@@ -383,7 +457,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     ap.add_argument("--start", action="store_true", help=f"host configs/tiny.yaml on port {PORT} for the run")
-    ap.add_argument("--sections", default="engines,load,fanout", help="comma-separated: engines, load, fanout")
+    ap.add_argument(
+        "--sections", default="inprocess,engines,load,fanout", help="comma-separated: inprocess, engines, load, fanout"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer requests per level")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -397,6 +473,8 @@ def main() -> None:
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("serve_bench only targets a service on this machine (loopback)")
     try:
+        if "inprocess" in sections:
+            print("saved", save("engine_alone", engine_alone(Path(args.zoo))))
         if "engines" in sections:
             rows = engines_section(args.url, graph, stats, args.quick)
             print("saved", save("serve_engines", rows, url=args.url, self_hosted=args.start))

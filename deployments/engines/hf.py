@@ -135,6 +135,8 @@ class _Row:
     sink: Sink
     sampler: RowSampler
     text: TextAssembler
+    streamed: bool = True  # False: one delivery at the end (no event-loop wake-up per token)
+    pending_text: str = ""
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -201,6 +203,7 @@ class EngineStats:
     aborted: int = 0  # rows dropped because their request was cancelled
     max_steps_after_cancel: int = 0  # forwards a cancelled row still took part in (0 or 1 by design)
     errors: int = 0
+    busy_s: float = 0.0  # wall time spent inside steps (idle waiting excluded)
 
     def snapshot(self, running: int, waiting: int) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "batch_sizes"}
@@ -277,10 +280,11 @@ class HFEngine:
         if adapter is not None and adapter not in self.adapters:
             raise EngineInputError(f"unknown adapter {adapter!r}; this model has {sorted(self.adapters)}")
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> Seq:
+    def submit(self, request: GenerationRequest, sink: Sink, streamed: bool = True) -> Seq:
         """Queue a request; `sink` receives StreamDeltas (the last has finish_reason) or one exception.
 
-        Called from any thread; the sink is called on the engine thread and must not block.
+        With streamed=False the sink gets only the final delta, holding the whole answer. Called from
+        any thread; the sink is called on the engine thread and must not block.
         """
         self._check_adapter(request.adapter)
         ids = self.render(request)
@@ -295,6 +299,7 @@ class HFEngine:
             sink=sink,
             sampler=RowSampler.create(request.params, self.device, processor),
             text=TextAssembler(self.tokenizer, request.params.stop),
+            streamed=streamed,
         )
         seq = Seq(prompt_len=len(ids), max_new=self._max_new(len(ids), request.params), payload=row)
         with self._cond:
@@ -315,6 +320,7 @@ class HFEngine:
                     self._cond.wait()
                 if self._closed:
                     return
+            t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     self._step()
@@ -322,6 +328,7 @@ class HFEngine:
                 logger.exception("decoding step failed")
                 self.stats.errors += 1
                 self._fail_running(err)
+            self.stats.busy_s += time.perf_counter() - t0
 
     def _fail_running(self, err: BaseException) -> None:
         with self._cond:
@@ -440,8 +447,10 @@ class HFEngine:
                 finish = "stop"
             elif seq.generated >= seq.max_new:
                 finish, text = "length", text + row.text.flush()
-        if finish is None and not text:
-            return False  # held back (partial character or a possible stop string): nothing to send yet
+        if finish is None and (not text or not row.streamed):
+            row.pending_text += text  # held back (partial character, possible stop string) or not streamed
+            return False
+        text, row.pending_text = row.pending_text + text, ""
         lps, row.pending_logprobs = (row.pending_logprobs or None), []
         if finish is None:
             self._deliver(seq, StreamDelta(text=text, logprobs=lps))
@@ -480,18 +489,43 @@ class HFEngine:
         seq = self.submit(request, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
         try:
             while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
+                items = [await q.get()]
+                # A consumer that fell behind gets what piled up as one delta: fewer, larger chunks
+                # through Serve and HTTP under load, while an idle one still sees every token at once.
+                while not q.empty():
+                    items.append(q.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                yield merge_deltas(items)
+                if items[-1].finish_reason is not None:
                     return
         finally:
             if not seq.finished:
                 seq.cancel()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return collect([d async for d in self.stream(request)])
+        """The whole answer, delivered once when the row finishes; cancelling drops the row."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def deliver(item: StreamDelta | BaseException) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if isinstance(item, BaseException):
+                    future.set_exception(item)
+                else:
+                    future.set_result(item)
+
+            loop.call_soon_threadsafe(settle)
+
+        seq = self.submit(request, deliver, streamed=False)
+        try:
+            return collect([await future])
+        finally:
+            if not seq.finished:
+                seq.cancel()
 
     async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         return list(await asyncio.gather(*(self.generate(r) for r in requests)))
@@ -501,7 +535,7 @@ class HFEngine:
     def generate_batch_sync(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Submit every request at once (they share the running batch) and wait for all of them."""
         queues: list[queue.Queue] = [queue.Queue() for _ in requests]
-        seqs = [self.submit(r, q.put) for r, q in zip(requests, queues, strict=True)]
+        seqs = [self.submit(r, q.put, streamed=False) for r, q in zip(requests, queues, strict=True)]
         results = []
         try:
             for q in queues:
@@ -543,6 +577,21 @@ class HFEngine:
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def merge_deltas(items: Sequence[StreamDelta]) -> StreamDelta:
+    """Consecutive deltas of one answer as one (the last one's finish and counts)."""
+    if len(items) == 1:
+        return items[0]
+    last = items[-1]
+    logprobs = [lp for d in items for lp in (d.logprobs or [])]
+    return StreamDelta(
+        text="".join(d.text for d in items),
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        logprobs=logprobs or None,
+    )
 
 
 def collect(deltas: Sequence[StreamDelta]) -> GenerationResult:
