@@ -29,7 +29,7 @@ BODIES: list[dict[str, Any]] = [
 
 
 def replica_rss_mb(app: str) -> dict[str, float]:
-    """Deployment name -> summed RSS (MB) of its replica processes (Ray titles them ray::ServeReplica:app:name)."""
+    """ "<deployment> (pid N)" -> RSS (MB) of each replica process (Ray titles them ray::ServeReplica:app:name)."""
     import psutil
 
     out: dict[str, float] = {}
@@ -38,8 +38,9 @@ def replica_rss_mb(app: str) -> dict[str, float]:
         head = cmd[0] if cmd else ""
         prefix = f"ray::ServeReplica:{app}:"
         if head.startswith(prefix) and p.info["memory_info"] is not None:
-            name = head.removeprefix(prefix).split()[0]
-            out[name] = out.get(name, 0.0) + p.info["memory_info"].rss / 2**20
+            # The title ends in the running method (".handle_request..."): one replica is one pid.
+            name = f"{head.removeprefix(prefix).split()[0].split('.')[0]} (pid {p.pid})"
+            out[name] = p.info["memory_info"].rss / 2**20
     return out
 
 
