@@ -29,16 +29,18 @@ BODIES: list[dict[str, Any]] = [
 
 
 def replica_rss_mb(app: str) -> dict[str, float]:
-    """Deployment name -> summed RSS (MB) of its replica processes (Ray titles them ray::ServeReplica:app:name)."""
+    """ "<deployment> (pid N)" -> RSS (MB) of each replica process (Ray titles them ray::ServeReplica:app:name)."""
     import psutil
 
     out: dict[str, float] = {}
     for p in psutil.process_iter(["cmdline", "memory_info"]):
         cmd = p.info["cmdline"] or []
         head = cmd[0] if cmd else ""
-        if head.startswith(f"ray::ServeReplica:{app}:") and p.info["memory_info"] is not None:
-            name = head.split(":")[3].split()[0] if head.count(":") >= 3 else head
-            out[name] = out.get(name, 0.0) + p.info["memory_info"].rss / 2**20
+        prefix = f"ray::ServeReplica:{app}:"
+        if head.startswith(prefix) and p.info["memory_info"] is not None:
+            # The title ends in the running method (".handle_request..."): one replica is one pid.
+            name = f"{head.removeprefix(prefix).split()[0].split('.')[0]} (pid {p.pid})"
+            out[name] = p.info["memory_info"].rss / 2**20
     return out
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
         build_zoo(args.zoo)
     app = f"soak{os.getpid()}"
-    url = start(args.zoo, app, max_tokens=8)
+    url = start(args.zoo, app, max_tokens=8, frozen_timeout_s=60.0)  # no drill here: normal timeouts
     try:
         report = soak(url, app, args.minutes, args.concurrency, args.sample_s, min(args.warmup_s, args.minutes * 30))
     finally:
