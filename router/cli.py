@@ -8,14 +8,16 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from router.data import CORPUS_DIR
     from router.train import DataError, TrainConfig, read_jsonl, train_router
 
     try:
         train = [ex for p in args.data for ex in read_jsonl(p)]
+        if args.val is None and args.data == [str(CORPUS_DIR / "train.jsonl.gz")]:
+            args.val = str(CORPUS_DIR / "val.jsonl.gz")
         val = read_jsonl(args.val) if args.val else None
-        model, info = train_router(
-            train, val, TrainConfig(epochs=args.epochs, lr=args.lr, dim=args.dim, seed=args.seed), progress=True
-        )
+        cfg = TrainConfig(kind=args.kind, c=args.c, epochs=args.epochs, lr=args.lr, dim=args.dim, seed=args.seed)
+        model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
         raise SystemExit(f"consilium: error: {err}") from None
     out = model.save(args.out)
@@ -48,20 +50,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = sorted({label for ex in examples for label in ex.labels} - set(model.domains))
     if unknown:
         raise SystemExit(f"consilium: error: labels {unknown} are not domains of this router {model.domains}")
-    report = evaluate(model, examples, top_k=args.top_k)
+    report = evaluate(model, examples, top_k=args.top_k, fallback=args.fallback)
     print(report.render())
+    if args.plot:
+        try:
+            print("plot:", report.plot(args.plot))
+        except (OSError, ValueError) as err:  # an unwritable path or an unknown image extension
+            raise SystemExit(f"consilium: error: cannot write plot {args.plot!r}: {err}") from None
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from router.data import DATA_DIR
+    from router.data import CORPUS_DIR
 
     router = sub.add_parser("router", help="train and evaluate the tiny ada router")
     rs = router.add_subparsers(dest="router_cmd", required=True)
     tr = rs.add_parser("train", help="train on labelled JSONL ({'text', 'labels'} per line)")
-    tr.add_argument("--data", nargs="+", default=[str(DATA_DIR / "train.jsonl")], help="training JSONL file(s)")
-    tr.add_argument("--val", help="validation JSONL for threshold calibration (default: split from --data)")
+    tr.add_argument(
+        "--data", nargs="+", default=[str(CORPUS_DIR / "train.jsonl.gz")], help="training JSONL file(s), .gz too"
+    )
+    tr.add_argument(
+        "--val",
+        default=None,
+        help="validation JSONL for threshold calibration (default: the corpus's val split when --data is the "
+        "default, else a split of --data)",
+    )
     tr.add_argument("--out", required=True, help="artifact directory to write")
+    tr.add_argument("--kind", choices=["linear", "fasttext"], default="linear", help="learner (router/train.py)")
+    tr.add_argument("--c", type=float, default=16.0, help="linear: inverse regularisation strength")
     tr.add_argument("--epochs", type=int, default=16)
     tr.add_argument("--lr", type=float, default=0.05)
     tr.add_argument("--dim", type=int, default=32)
@@ -69,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")
     ev.add_argument("--model", help="artifact directory (default: the shipped router)")
-    ev.add_argument("--data", default=str(DATA_DIR / "heldout.jsonl"))
+    ev.add_argument("--data", default=str(CORPUS_DIR / "heldout.jsonl.gz"), help="labelled JSONL (.gz too)")
     ev.add_argument("--top-k", type=int, default=2)
+    ev.add_argument("--fallback", default="general", help="domain routed to when none is confident")
+    ev.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix and per-domain precision/recall")
     ev.set_defaults(func=cmd_eval)

@@ -1,4 +1,4 @@
-"""Tiny ada: a fastText-style multi-label domain classifier over hashed word and character n-grams."""
+"""Tiny ada: a multi-label domain classifier over hashed word and character n-grams (fastText-style or linear)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ class TinyAdaConfig:
     dim: int = 32  # embedding width
     hashing: HashingConfig = field(default_factory=HashingConfig)
     thresholds: dict[str, float] = field(default_factory=dict)  # per domain, calibrated on validation
+    # "mean": bag mean, as fastText; "l2": n-gram counts over their L2 norm (the linear model: a long
+    # prompt's many n-grams then do not drown the few that name its domain)
+    pooling: str = "mean"
 
 
 class TinyAda(nn.Module):
@@ -69,6 +72,8 @@ class TinyAda(nn.Module):
         super().__init__()
         if not config.domains:
             raise ValueError("a router needs at least one domain")
+        if config.pooling not in ("mean", "l2"):
+            raise ValueError(f"pooling must be 'mean' or 'l2', got {config.pooling!r}")
         self.config = config
         self.embed = nn.EmbeddingBag(config.hashing.buckets, config.dim, mode="mean")
         self.head = nn.Linear(config.dim, len(config.domains))
@@ -80,6 +85,8 @@ class TinyAda(nn.Module):
         return self.config.domains
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling != "mean":
+            raise NotImplementedError("forward trains the mean-pooled model; score() serves every pooling")
         return self.head(self.embed(ids, offsets))  # (B, n_domains) logits
 
     def batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +106,11 @@ class TinyAda(nn.Module):
         ids = featurize(text, self.config.hashing)
         if not ids:  # punctuation-free and word-free text cannot happen after strip(); keep it total
             ids = [0]
-        h = emb[ids].mean(axis=0)  # (D,)
+        if self.config.pooling == "l2":
+            _, counts = np.unique(ids, return_counts=True)
+            h = emb[ids].sum(axis=0) / np.sqrt(float((counts * counts).sum()))  # (D,)
+        else:
+            h = emb[ids].mean(axis=0)  # (D,)
         logits = w @ h + b  # (n_domains,)
         probs = 1.0 / (1.0 + np.exp(-logits))
         return {d: float(p) for d, p in zip(self.domains, probs, strict=True)}

@@ -1,4 +1,11 @@
-"""Train tiny ada on labelled JSONL prompts and calibrate per-domain thresholds on a validation split."""
+"""Train tiny ada on labelled JSONL prompts and calibrate per-domain thresholds on a validation split.
+
+Two learners share one artifact format: "linear" (the default) fits one logistic regression per domain
+with scikit-learn on L2-normalised hashed n-gram counts and stores it as a TinyAda whose embedding
+table holds the weights (dim = number of domains, identity head); "fasttext" trains the low-rank
+embedding-bag model with PyTorch. On real prompts the linear model generalised better to unseen
+sources and trains in well under the budget (docs/router-data.md).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from router.model import HashingConfig, TinyAda, TinyAdaConfig
+from router.model import HashingConfig, TinyAda, TinyAdaConfig, featurize
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +41,12 @@ class Example:
 
 @dataclass
 class TrainConfig:
-    """Training settings (defaults train the shipped router in a few seconds on 2 cores)."""
+    """Training settings (defaults train the shipped router within a few minutes on 2 cores)."""
 
+    kind: str = "linear"  # "linear" (scikit-learn logistic regression) or "fasttext" (PyTorch embedding bag)
+    c: float = 16.0  # linear: inverse L2 strength; hashed features are sparse, a weak prior fits them best
+    class_weight: str | None = "balanced"  # linear: reweight so each domain's positives weigh as much as its rest
+    linear_buckets: int = 1 << 18  # linear: hash space; 3 domains x 2^18 x fp16 = 1.5 MB artifact
     epochs: int = 16
     batch_size: int = 32
     lr: float = 0.05
@@ -110,16 +122,7 @@ def _dropout(ids: torch.Tensor, p: float) -> torch.Tensor:
     return ids[keep] if keep.any() else ids[:1]
 
 
-def train_router(
-    train: list[Example],
-    val: list[Example] | None = None,
-    config: TrainConfig | None = None,
-    progress: bool = True,
-) -> tuple[TinyAda, dict[str, float]]:
-    """Fit a TinyAda; return it with its validation metrics. Domains are the sorted labels in the data."""
-    cfg = config or TrainConfig()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def _split_val(train: list[Example], val: list[Example] | None, cfg: TrainConfig) -> tuple[list, list, list[str]]:
     if val is None:
         shuffled = train[:]
         random.Random(cfg.seed).shuffle(shuffled)
@@ -129,6 +132,77 @@ def train_router(
     unknown = sorted({label for ex in val for label in ex.labels} - set(domains))
     if unknown:
         raise DataError(f"validation labels {unknown} never occur in training data")
+    return train, val, domains
+
+
+def features(texts: list[str], cfg: HashingConfig) -> sp.csr_matrix:
+    """(N, buckets) L2-normalised n-gram counts: exactly what TinyAda.score computes with pooling="l2"."""
+    indptr, cols, vals = [0], [], []
+    for text in texts:
+        ids = featurize(text, cfg) or [0]
+        u, c = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+        cols.append(u)
+        vals.append(c / np.sqrt(float((c * c).sum())))
+        indptr.append(indptr[-1] + len(u))
+    return sp.csr_matrix(
+        (np.concatenate(vals).astype(np.float32), np.concatenate(cols), np.asarray(indptr)),
+        shape=(len(texts), cfg.buckets),
+    )
+
+
+def train_linear(
+    train: list[Example], val: list[Example] | None = None, config: TrainConfig | None = None
+) -> tuple[TinyAda, dict[str, float]]:
+    """One-vs-rest logistic regression per domain on hashed n-grams, stored as an identity-head TinyAda."""
+    from sklearn.linear_model import LogisticRegression  # import here: serving never needs scikit-learn
+
+    cfg = config or TrainConfig()
+    train, val, domains = _split_val(train, val, cfg)
+    t0 = time.perf_counter()
+    hashing = HashingConfig(buckets=cfg.linear_buckets)
+    x = features([ex.text for ex in train], hashing)
+    y = targets(train, domains).numpy()
+    weights, biases = [], []
+    for j, domain in enumerate(domains):
+        if y[:, j].min() == y[:, j].max():
+            raise DataError(f"domain {domain!r} labels every training prompt: a classifier needs negatives too")
+        lr = LogisticRegression(C=cfg.c, solver="liblinear", class_weight=cfg.class_weight, max_iter=300)
+        lr.fit(x, y[:, j])
+        weights.append(lr.coef_[0])
+        biases.append(lr.intercept_[0])
+    n = len(domains)
+    model = TinyAda(TinyAdaConfig(domains=domains, dim=n, hashing=hashing, pooling="l2"))
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.from_numpy(np.stack(weights, axis=1)))  # (buckets, n_domains)
+        model.head.weight.copy_(torch.eye(n))
+        model.head.bias.copy_(torch.tensor(biases))
+    model.eval()
+    model.refresh()
+    probs = np.array([[s[d] for d in domains] for s in model.score_batch([ex.text for ex in val])])
+    yv = targets(val, domains).numpy()
+    model.config.thresholds = calibrate_thresholds(probs, yv, domains)
+    seconds = time.perf_counter() - t0
+    logger.info("trained linear router on %d prompts, %d domains in %.1fs", len(train), n, seconds)
+    eps = 1e-6
+    val_loss = float(-(yv * np.log(probs + eps) + (1 - yv) * np.log(1 - probs + eps)).mean())
+    return model, {"val_loss": val_loss, "train_seconds": seconds}
+
+
+def train_router(
+    train: list[Example],
+    val: list[Example] | None = None,
+    config: TrainConfig | None = None,
+    progress: bool = True,
+) -> tuple[TinyAda, dict[str, float]]:
+    """Fit a TinyAda; return it with its validation metrics. Domains are the sorted labels in the data."""
+    cfg = config or TrainConfig()
+    if cfg.kind == "linear":
+        return train_linear(train, val, cfg)
+    if cfg.kind != "fasttext":
+        raise ValueError(f"kind must be 'linear' or 'fasttext', got {cfg.kind!r}")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    train, val, domains = _split_val(train, val, cfg)
     model = TinyAda(TinyAdaConfig(domains=domains, dim=cfg.dim, hashing=HashingConfig(buckets=cfg.buckets)))
     feats = [model.batch([ex.text]) for ex in train]  # featurise once, reuse each epoch
     ids = [f[0] for f in feats]

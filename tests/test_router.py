@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from router.evaluate import evaluate
@@ -125,3 +129,179 @@ def test_cli_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert main(["router", "eval", "--model", str(tmp_path / "r"), "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "single-label accuracy" in out and "confusion" in out
+
+
+# ---- the shipped router on real prompts (router/data/SOURCES.md)
+
+CANARIES = {
+    "general": [
+        "What is the capital of France?",
+        "Write a short story about a dragon who learns to fly.",
+        "Plan a three-day trip to Rome on a budget.",
+        "Give me ten name ideas for a bakery.",
+        "How do I get red wine out of a carpet?",
+        "What's the difference between a Roth IRA and a traditional IRA?",
+        "Set an alarm for 7 am tomorrow.",
+        "Who won the World Cup in 2018?",
+        "Explain why the sky is blue.",
+        "Write a thank-you email to my coworker for covering my shift.",
+    ],
+    "medical": [
+        "Can type 2 diabetes be cured?",
+        "Is it safe to take ibuprofen while pregnant?",
+        "What are the symptoms of strep throat?",
+        "How long does the flu last?",
+        "My child has had a fever of 39C for two days, should I see a doctor?",
+        "What is the usual dose of amoxicillin for an adult with a sinus infection?",
+        "What causes high blood pressure?",
+        "Can you get shingles twice?",
+    ],
+    "code": [
+        "Write a Python function that reverses a linked list.",
+        "How do I undo the last git commit?",
+        "Why does my JavaScript fetch call return a pending promise?",
+        "SQL query to find duplicate rows in a table",
+        "How do I center a div with CSS?",
+        "Fix this error: TypeError: 'NoneType' object is not subscriptable",
+        "find all .txt files modified in the last 7 days in bash",
+        "What is the difference between a list and a tuple in Python?",
+    ],
+}
+
+
+# Misses measured with the shipped artifact, kept visible (strict: the test fails once they route right).
+KNOWN_MISSES = {"How do I center a div with CSS?": "front-end questions are rare in the training pools"}
+
+
+@pytest.mark.parametrize(
+    ("domain", "text"),
+    [
+        pytest.param(d, t, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[t])] if t in KNOWN_MISSES else [])
+        for d, ts in CANARIES.items()
+        for t in ts
+    ],
+)
+def test_shipped_router_routes_canaries(shipped: TinyAda, domain: str, text: str) -> None:
+    from router.evaluate import routed_top1
+
+    top, _ = routed_top1(shipped.score(text), shipped.config.thresholds, "general")
+    assert top == domain, (text, shipped.score(text))
+
+
+def _heldout_slice(per_source: int = 120) -> list[Example]:
+    """Every k-th prompt of each held-out source: whole sources that training never saw."""
+    from router.data import CORPUS_DIR
+
+    rows = [ex for ex in read_jsonl(CORPUS_DIR / "heldout.jsonl.gz") if ex.source != "handwritten"]
+    by: dict[str, list[Example]] = {}
+    for ex in rows:
+        by.setdefault(ex.source, []).append(ex)
+    return [ex for exs in by.values() for ex in exs[:: max(1, len(exs) // per_source)][:per_source]]
+
+
+def test_shipped_router_on_unseen_sources(shipped: TinyAda) -> None:
+    from router.data import CORPUS_DIR
+
+    train_sources = {ex.source for ex in read_jsonl(CORPUS_DIR / "val.jsonl.gz")}
+    sample = _heldout_slice()
+    assert {ex.source for ex in sample}.isdisjoint(train_sources)  # source-disjoint by construction
+    report = evaluate(shipped, sample, timing=False)
+    # Floors a little under the bench's full held-out numbers (docs/router-data.md): a broken
+    # featuriser, artifact or threshold calibration falls far below them.
+    assert report.accuracy > 0.75, report.render()
+    assert report.macro_f1 > 0.72, report.render()
+    assert min(m["recall"] for m in report.per_domain.values()) > 0.5, report.render()
+
+
+def test_shipped_artifact_loads_to_identical_scores(shipped: TinyAda) -> None:
+    again = TinyAda.load(shipped_router_path())
+    for text in [t for ts in CANARIES.values() for t in ts]:
+        assert again.score(text) == shipped.score(text)
+
+
+def test_linear_model_save_load_and_pooling(tmp_path: Path) -> None:
+    from router.train import features
+
+    model, _ = train_router(TOY, TOY, TrainConfig(kind="linear", linear_buckets=1 << 12), progress=False)
+    assert model.config.pooling == "l2"
+    # score() in numpy equals the scikit-learn design matrix times the stored weights
+    x = features(["apple pie car car"], model.config.hashing)
+    emb, w, b = model._np  # type: ignore[misc]
+    logits = (x @ emb) @ w.T + b
+    expected = 1 / (1 + np.exp(-logits[0]))
+    got = model.score("apple pie car car")
+    assert np.allclose([got[d] for d in model.domains], expected, atol=1e-5)
+    model.save(tmp_path / "lin")
+    loaded = TinyAda.load(tmp_path / "lin")
+    assert loaded.config.pooling == "l2" and loaded.config.thresholds == model.config.thresholds
+    a, b2 = model.score("garage apple"), loaded.score("garage apple")
+    assert all(abs(a[d] - b2[d]) < 2e-3 for d in a)
+
+
+def _git(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def _fixture_mirror(root: Path) -> str:
+    """A tiny repo in the fetch tool's layout (ROOT/owner+name/repo), committed; returns the commit."""
+    repo = root / "acme+prompts" / "repo"
+    repo.mkdir(parents=True)
+    _git(repo, "init", "-q")
+    health = ["Can gout be cured?", "What is a normal heart rate?", "Is it safe to fly when pregnant?"]
+    (repo / "health.jsonl").write_text("".join(json.dumps({"q": q}) + "\n" for q in health))
+    mixed = ["How do I sort a list in Python?", "What are the symptoms of flu?", "Best pizza in Naples?"]
+    mixed += ["What is the best diet?", "Can gout be cured?", "Who wrote Hamlet?"]
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        gz.write("".join(f"{i}\t{q}\n" for i, q in enumerate(mixed)).encode())
+    (repo / "mixed.tsv.gz").write_bytes(buf.getvalue())
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "fixture")
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> None:
+    from router.data import build_corpus as bc
+
+    commit = _fixture_mirror(tmp_path / "mirrors")
+    sources = [
+        bc.Source(
+            "health", "acme/prompts", commit, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT", heldout=True
+        ),
+        bc.Source("mixed", "acme/prompts", commit, ["mixed.tsv.gz"], bc._tsv_gz_column(1), "relabel", "MIT"),
+    ]
+    first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
+    second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    rows = [ex for s in ("train", "val") for ex in read_jsonl(tmp_path / "a" / f"{s}.jsonl.gz")]
+    trained = {ex.text: ex.labels for ex in rows}
+    assert "Can gout be cured?" not in trained  # held out: never in train or val, even from another source
+    assert trained["How do I sort a list in Python?"] == ["code"]
+    assert trained["What are the symptoms of flu?"] == ["medical"]
+    assert trained["Who wrote Hamlet?"] == ["general"]
+    assert "What is the best diet?" not in trained  # weak health cue: ambiguous, dropped rather than guessed
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert [m["commit"] for m in manifest["sources"]] == [commit, commit]
+    bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
+    with pytest.raises(bc.CorpusError, match="lacks pinned commit"):
+        bc.build(tmp_path / "mirrors", bad, handwritten=None)
+    with pytest.raises(bc.CorpusError, match="no mirror of acme/missing"):
+        bc.build(tmp_path / "mirrors", [bc.Source("y", "acme/missing", commit, [], bc._lines, "code", "-")], None)
+
+
+def test_cli_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from deployments.cli import main
+
+    data = tmp_path / "slice.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "labels": e.labels}) + "\n" for e in _heldout_slice(10)))
+    png = tmp_path / "router.png"
+    assert main(["router", "eval", "--data", str(data), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "confusion" in capsys.readouterr().out

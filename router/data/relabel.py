@@ -22,50 +22,51 @@ import re
 _MEDICAL_STRONG = r"""
 symptoms? disease diseases diagnos\w* treatments? treating treated therap\w* doctors? physicians? nurses?
 hospital\w* clinic clinical medic\w* drugs? dosage doses? pills? tablets? antibiotics? vaccin\w* virus\w*
-bacteri\w* infections? infected cancers? carcinoma tumou?rs? diabet\w* insulin hypertension
-cholesterol asthma allerg\w* headaches? migraines? fever nausea vomit\w* diarrh\w* rash\w* itch\w* surgery
-surgical pregnan\w* fertility contracepti\w* std stds hiv hepatitis flu influenza covid\w* coronavirus
-pneumonia arthritis depression depressed anxiety adhd autism alzheimer\w* dementia parkinson\w* epilep\w*
-seizures? thyroid kidneys? liver lungs? bowel bladder prostate uterus ovar\w* menstrua\w* anemia anaemia
-obesity syndrome disorders? inflammation inflamed swollen swelling wounds?
-injur\w* fractures? sprain\w* cardiac cardio\w* heart\s+(?:attack|disease|rate|failure) stroke
-hormones? estrogen testosterone ibuprofen paracetamol acetaminophen aspirin tylenol advil metformin
-antidepressants? steroids? prescri\w* pharmac\w* tumor sclerosis lupus psoriasis eczema acne herpes
-cyst cysts ulcers? hernia gallbladder appendi\w* tonsil\w* sinus\w* bronchitis tuberculosis malaria
-dengue measles chickenpox shingles mumps rabies cholera ebola zika lyme sepsis gout scabies lice warts?
-dermatolog\w* cardiolog\w* oncolog\w* neurolog\w* psychiatr\w* gyn\w*ecolog\w* obstetric\w* pediatric\w*
-paediatric\w* orthop\w*dic\w* urolog\w* radiolog\w* patholog\w* anatomy physiolog\w* mri ct\s+scan x-?rays?
-ultrasound biopsy chemo\w* radiotherapy dialysis transplant\w* anesthe\w* anaesthe\w* sore\s+throat
-back\s+pain chest\s+pain stomach\s+ache toothache dizz\w* fatigue insomnia constipat\w* cough\w*
+bacteri\w* infections? infected cancers? carcinoma tumou?rs? diabet\w* insulin hypertension cholesterol asthma
+allerg\w* headaches? migraines? fever nausea vomit\w* diarrh\w* rash\w* itch\w* surgery surgical pregnan\w*
+fertility contracepti\w* std stds hiv hepatitis flu influenza covid\w* coronavirus pneumonia arthritis
+depression depressed anxiety adhd autism alzheimer\w* dementia parkinson\w* epilep\w* seizures? thyroid
+kidneys? liver lungs? bowel bladder prostate uterus ovar\w* menstrua\w* anemia anaemia obesity syndrome
+disorders? inflammation inflamed swollen swelling wounds? injur\w* fractures? sprain\w* cardiac cardio\w*
+heart\s+(?:attack|disease|rate|failure) stroke hormones? estrogen testosterone ibuprofen paracetamol
+acetaminophen aspirin tylenol advil metformin antidepressants? steroids? prescri\w* pharmac\w* tumor sclerosis
+lupus psoriasis eczema acne herpes cyst cysts ulcers? hernia gallbladder appendi\w* tonsil\w* sinus\w*
+bronchitis tuberculosis malaria dengue measles chickenpox shingles mumps rabies cholera ebola zika lyme sepsis
+gout scabies lice warts? dermatolog\w* cardiolog\w* oncolog\w* neurolog\w* psychiatr\w* gyn\w*ecolog\w*
+obstetric\w* pediatric\w* paediatric\w* orthop\w*dic\w* urolog\w* radiolog\w* patholog\w* anatomy physiolog\w*
+mri ct\s+scan x-?rays? ultrasound biopsy chemo\w* radiotherapy dialysis transplant\w* anesthe\w* anaesthe\w*
+sore\s+throat back\s+pain chest\s+pain stomach\s+ache toothache dizz\w* fatigue insomnia constipat\w* cough\w*
 """
 
 _MEDICAL_WEAK = r"""
-health\w* healthy diet\w* calories? nutrition\w* vitamins? protein weight fat body sleep\w* skin teeth
-tooth dental dentist eyes? vision hair exercise\w* workout fitness muscles? bones? brain mental stress
-smok\w* alcohol drunk caffeine sugar sick pain ache\w* hurts? sore bleed\w* gym yoga massage baby babies
-period periods sex\w* mg ml viral aids chronic acute blood bleeding veterinar\w* vet dog\s+(?:ate|sick) psycholog\w* therapist
+health\w* healthy diet\w* calories? nutrition\w* vitamins? protein weight fat body sleep\w* skin teeth tooth
+dental dentist eyes? vision hair exercise\w* workout fitness muscles? bones? brain mental stress smok\w*
+alcohol drunk caffeine sugar sick pain ache\w* hurts? sore bleed\w* gym yoga massage baby babies period
+periods sex\w* mg ml viral aids chronic acute blood bleeding veterinar\w* vet dog\s+(?:ate|sick) psycholog\w*
+therapist
 """
 
 _CODE_STRONG = r"""
-python java javascript typescript c\+\+ c# \.net php golang rustlang kotlin scala perl
-haskell matlab fortran cobol sql mysql postgres\w* sqlite mongodb redis oracle\s+db html css
-json xml yaml regex regular\s+expressions? api apis sdk compile compiler\w* compiling compilation\s+error\w* debug\w* stack\s*overflow
-programming programmers? coding coder source\s+code codebase bash\s+script\w* shell\s+script\w* linux ubuntu unix
-git github gitlab docker kubernetes django reactjs react\.js angularjs vue\.?js node\.?js npm jquery spring\s+boot
-numpy pandas tensorflow pytorch keras scikit data\s+structures? recursion recursive
-array arrays linked\s+list hash\s*map hashtable binary\s+tree runtime segfault
-frontend backend front-end back-end full-?stack devops web\s+develop\w* software\s+develop\w*
-software\s+engineer\w* android\s+studio xcode visual\s+studio vscode intellij laravel
-wordpress\s+plugin\w* jvm npm pip\s+install virtualenv conda makefile cmake gcc clang llvm http\s+request
-rest\s*ful endpoint\w* oauth websockets? compiler\w* interpreter\w* object-oriented oop boolean
+python java javascript typescript c\+\+ c# \.net php golang rustlang kotlin scala perl haskell matlab fortran
+cobol sql mysql postgres\w* sqlite mongodb redis oracle\s+db html css json xml yaml regex
+regular\s+expressions? api apis sdk compile compiler\w* compiling compilation\s+error\w* debug\w*
+stack\s*overflow programming programmers? coding coder source\s+code codebase bash\s+script\w*
+shell\s+script\w* linux ubuntu unix git github gitlab docker kubernetes django reactjs react\.js angularjs
+vue\.?js node\.?js npm jquery spring\s+boot numpy pandas tensorflow pytorch keras scikit data\s+structures?
+recursion recursive array arrays linked\s+list hash\s*map hashtable binary\s+tree runtime segfault frontend
+backend front-end back-end full-?stack devops web\s+develop\w* software\s+develop\w* software\s+engineer\w*
+android\s+studio xcode visual\s+studio vscode intellij laravel wordpress\s+plugin\w* jvm npm pip\s+install
+virtualenv conda makefile cmake gcc clang llvm http\s+request rest\s*ful endpoint\w* oauth websockets?
+compiler\w* interpreter\w* object-oriented oop boolean
 """
 
 _CODE_WEAK = r"""
-computers? software apps? application\w* excel spreadsheet\w* windows macos mac\s+os iphone android
-laptop\w* website\w* web\s+page\w* internet browser\w* chrome firefox server\w* database\w* cloud aws
-azure google\s+sheets hack\w* cyber\w* tech technology\w* it\s+support data\s+science machine\s+learning
-artificial\s+intelligence ai chatgpt swift ruby rust assembly shell bash flask react angular eclipse ide gpt code codes coded developer\w* engineer\w* frameworks? variables?
-functions? loops? integer\w* float\w* strings? methods? class\w* exceptions? pointers? syntax scripts?
+computers? software apps? application\w* excel spreadsheet\w* windows macos mac\s+os iphone android laptop\w*
+website\w* web\s+page\w* internet browser\w* chrome firefox server\w* database\w* cloud aws azure
+google\s+sheets hack\w* cyber\w* tech technology\w* it\s+support data\s+science machine\s+learning
+artificial\s+intelligence ai chatgpt swift ruby rust assembly shell bash flask react angular eclipse ide gpt
+code codes coded developer\w* engineer\w* frameworks? variables? functions? loops? integer\w* float\w*
+strings? methods? class\w* exceptions? pointers? syntax scripts?
 """
 
 
