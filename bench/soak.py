@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     args = ap.parse_args(argv)
     if not (args.zoo / "zoo.json").is_file():
-        from deployments.zoo import build_zoo
+        from deployments.models.zoo import build_zoo
 
         build_zoo(args.zoo)
     app = f"soak{os.getpid()}"
