@@ -3,7 +3,7 @@
     python -m bench.cluster_bench [--zoo .zoo] [--workers 3] [--step-clients 8] [--ha] [--ray-default-health-checks]
 
 Starts a head and N worker Ray nodes in-process (ray.cluster_utils.Cluster: separate raylets, logical
-GPUs, node labels), deploys configs/tiny.yaml's graph on the zoo with one GPU per specialist replica,
+GPUs, node labels), deploys configs/zoo.yaml's graph on the zoo with one GPU per specialist replica,
 then prints a timeline (offered load, replicas per deployment, p50 latency, errors) every few seconds
 while it steps the load up and down and removes a worker node. Writes bench/results/cluster.json
 (cluster_ha.json with --ha). tests/test_cluster.py reuses the helpers below.
@@ -132,14 +132,14 @@ def start_cluster(
 
 
 def cluster_args(zoo: Path, autoscaled: str | None = "medical", max_replicas: int = 3, ha: bool = False) -> dict:
-    """configs/tiny.yaml's graph on `zoo`: one logical GPU per specialist replica, light CPU shares.
+    """configs/zoo.yaml's graph on `zoo`: one logical GPU per specialist replica, light CPU shares.
 
     The `autoscaled` specialist scales between 1 and `max_replicas` with short delays so a bench or a
     test can watch it act; every specialist keeps at most one replica per node (max_replicas_per_node).
     With `ha`, every specialist keeps at least two replicas, so losing one node leaves each one served.
     """
     low = 2 if ha else 1
-    args = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
+    args = yaml.safe_load((REPO / "configs" / "zoo.yaml").read_text())["applications"][0]["args"]
     for spec in args["specialists"]:
         spec["model"] = spec["model"].replace(".zoo", str(zoo))
         spec["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in spec.get("adapters", {}).items()}

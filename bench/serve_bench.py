@@ -1,7 +1,7 @@
 """Load on the tiny service: throughput and TTFT under concurrency, streams vs batching, backpressure, fan-out.
 
 Either against a running service (`make serve`, then `python -m bench.serve_bench --url http://127.0.0.1:8000`)
-or self-hosted (`python -m bench.serve_bench --start`: configs/tiny.yaml on the zoo, port 8103, in a private
+or self-hosted (`python -m bench.serve_bench --start`: configs/zoo.yaml on the zoo, port 8103, in a private
 local Ray cluster; only then can it read the engines' step statistics for the disconnect row).
 Traffic goes to the given loopback URL only; every loop is bounded in count.
 Sections: `engines` (issue #11: c1/c32/c256, TTFT, 8 streams, short-during-long, disconnect, 503) and
@@ -417,7 +417,7 @@ def engine_alone(zoo: Path, max_tokens: int = 16) -> list[dict]:
 def tiny_graph(zoo: Path) -> dict:
     import yaml
 
-    args = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
+    args = yaml.safe_load((Path(__file__).parents[1] / "configs" / "zoo.yaml").read_text())["applications"][0]["args"]
     for s in args["specialists"]:
         s["model"] = s["model"].replace(".zoo", str(zoo))
         s["adapters"] = {k: v.replace(".zoo", str(zoo)) for k, v in s.get("adapters", {}).items()}
@@ -426,7 +426,7 @@ def tiny_graph(zoo: Path) -> dict:
 
 
 def start_service(graph: dict) -> str:
-    """configs/tiny.yaml's graph in a private local Ray cluster on this helper's port."""
+    """configs/zoo.yaml's graph in a private local Ray cluster on this helper's port."""
     import ray
     from ray import serve
 
@@ -456,7 +456,7 @@ def main() -> None:
     ap.add_argument("--zoo", default=".zoo")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
-    ap.add_argument("--start", action="store_true", help=f"host configs/tiny.yaml on port {PORT} for the run")
+    ap.add_argument("--start", action="store_true", help=f"host configs/zoo.yaml on port {PORT} for the run")
     ap.add_argument(
         "--sections", default="inprocess,engines,load,fanout", help="comma-separated: inprocess, engines, load, fanout"
     )

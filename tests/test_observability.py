@@ -34,9 +34,9 @@ def free_port() -> int:
 
 
 def small_graph_args(zoo: Path, hanging_general: bool = False) -> dict:
-    """configs/tiny.yaml on the test zoo, cut to what these tests need: medical and code (real zoo models),
+    """configs/zoo.yaml on the test zoo, cut to what these tests need: medical and code (real zoo models),
     the merger, and `general` either folded into medical or served by a hanging engine (timeouts)."""
-    args = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["applications"][0]["args"]
+    args = yaml.safe_load((REPO / "configs" / "zoo.yaml").read_text())["applications"][0]["args"]
     keep = ("medical", "code", "general") if hanging_general else ("medical", "code")
     args["specialists"] = [s for s in args["specialists"] if s["name"] in keep]
     for spec in args["specialists"]:
