@@ -1,4 +1,4 @@
-"""Hugging Face transformers engine: causal LM with optional NF4 4-bit weights and peft LoRA adapters."""
+"""Hugging Face transformers engine: continuous batching over a causal LM (optional NF4 weights, peft LoRA per row)."""
 
 from __future__ import annotations
 
