@@ -21,7 +21,8 @@ for domain in medical code; do
     --target-modules q_proj v_proj o_proj up_proj down_proj --save-dtype bfloat16 > "$DATA/$domain.train.log" 2>&1 &
 done
 wait
+rm -f "$OUT"/medical/README.md "$OUT"/code/README.md  # peft's empty model-card template; DATA.md is the card
 nice -n 10 "$PY" -m deployments.cli adapter eval --base "$BASE" \
   --adapter medical="$OUT/medical" --adapter code="$OUT/code" \
   --data medical="$DATA/medical.heldout.jsonl" --data code="$DATA/code.heldout.jsonl" \
-  --data general="$DATA/general.heldout.jsonl" --json "$OUT/perplexity.json"
+  --data general="$DATA/general.heldout.jsonl" --max-length 160 --json "$OUT/perplexity.json"
