@@ -17,6 +17,7 @@ from torch import nn
 WEIGHTS_FILE = "router.safetensors"
 META_FILE = "router.json"
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 class RouterInputError(ValueError):
@@ -32,12 +33,15 @@ class HashingConfig:
     word_ngrams: int = 2  # word unigrams .. n-grams
     max_chars: int = 2000  # only this prefix is featurised: a 1 MB prompt costs the same as a long one
     max_word_len: int = 30  # longer "words" (base64, hashes) give no char n-grams
+    # Punctuation tokens ("?", ".") mark a source's style (search queries and issue titles have none)
+    # more than a domain; the linear router leaves them out. True keeps older artifacts' features.
+    punctuation: bool = True
 
 
 def featurize(text: str, cfg: HashingConfig) -> list[int]:
     """Hashed feature ids of a prompt (duplicates kept: the bag is a mean, like fastText)."""
     text = unicodedata.normalize("NFKC", text[: cfg.max_chars]).lower()
-    tokens = _TOKEN.findall(text)
+    tokens = (_TOKEN if cfg.punctuation else _WORD).findall(text)
     b = cfg.buckets
     ids = [zlib.crc32(b"w" + t.encode()) % b for t in tokens]
     for n in range(2, cfg.word_ngrams + 1):
@@ -104,7 +108,7 @@ class TinyAda(nn.Module):
             self.refresh()
         emb, w, b = self._np  # type: ignore[misc]
         ids = featurize(text, self.config.hashing)
-        if not ids:  # punctuation-free and word-free text cannot happen after strip(); keep it total
+        if not ids:  # only punctuation or symbols (with punctuation=False): score the empty bag, do not fail
             ids = [0]
         if self.config.pooling == "l2":
             _, counts = np.unique(ids, return_counts=True)

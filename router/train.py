@@ -47,6 +47,7 @@ class TrainConfig:
     c: float = 16.0  # linear: inverse L2 strength; hashed features are sparse, a weak prior fits them best
     class_weight: str | None = "balanced"  # linear: reweight so each domain's positives weigh as much as its rest
     linear_buckets: int = 1 << 18  # linear: hash space; 3 domains x 2^18 x fp16 = 1.5 MB artifact
+    multi_label_weight: float = 5.0  # linear: weight of a multi-domain prompt (rare, and what top_k > 1 is for)
     epochs: int = 16
     batch_size: int = 32
     lr: float = 0.05
@@ -159,15 +160,16 @@ def train_linear(
     cfg = config or TrainConfig()
     train, val, domains = _split_val(train, val, cfg)
     t0 = time.perf_counter()
-    hashing = HashingConfig(buckets=cfg.linear_buckets)
+    hashing = HashingConfig(buckets=cfg.linear_buckets, punctuation=False)
     x = features([ex.text for ex in train], hashing)
     y = targets(train, domains).numpy()
+    sample_weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
     weights, biases = [], []
     for j, domain in enumerate(domains):
         if y[:, j].min() == y[:, j].max():
             raise DataError(f"domain {domain!r} labels every training prompt: a classifier needs negatives too")
         lr = LogisticRegression(C=cfg.c, solver="liblinear", class_weight=cfg.class_weight, max_iter=300)
-        lr.fit(x, y[:, j])
+        lr.fit(x, y[:, j], sample_weight=sample_weight)
         weights.append(lr.coef_[0])
         biases.append(lr.intercept_[0])
     n = len(domains)
