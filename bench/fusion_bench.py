@@ -347,6 +347,9 @@ def summarize_files(paths: list[str]) -> None:
         budgets.add(json.dumps(record["meta"].get("budget", vars(Budget())), sort_keys=True))  # older files: defaults
     if len(budgets) != 1:
         raise SystemExit(f"error: the files were run with different budgets: {sorted(budgets)}")
+    keys = [(r["task"], r["seed"], r["recipe"], r["arm"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("error: the files overlap (a task and seed appears twice); pass each run once")
     b = Budget(**json.loads(budgets.pop()))
     per_epoch = -(-b.train // b.batch)
     expected = {per_epoch * b.warm_epochs, per_epoch * (b.warm_epochs + b.main_epochs)}
