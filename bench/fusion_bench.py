@@ -331,7 +331,7 @@ def report(rows: list[dict], b: Budget, wall: float) -> None:
     print_table(
         f"fusion ablation: exact match on {b.test} held-out examples per seed, {n_seeds} seeds, "
         f"tiny T5 d_model={b.d_model}, {b.enc_layers} encoder layers, {b.train} training examples, "
-        f"{b.warm_epochs}+{b.main_epochs} epochs, wall {wall:.0f} s",
+        f"{b.warm_epochs}+{b.main_epochs} epochs" + ("" if wall != wall else f", wall {wall:.0f} s"),  # nan: merged
         show,
     )
     print("saved", save("fusion_ablation", table, runs=rows, wall_s=wall, budget=vars(b), seeds=n_seeds))
