@@ -117,7 +117,9 @@ def wait_for(port: int, expected: dict[tuple, float], timeout_s: float = 30) -> 
 def served(zoo: Path, monkeypatch_module) -> Iterator[dict]:
     monkeypatch_module.setenv("CONSILIUM_LOG_FORMAT", "json")  # read when the graph is built
     args = small_graph_args(zoo, hanging_general=True)
-    args["server"]["api_key"] = API_KEY  # the playground must work with auth on
+    key_file = zoo / "observability-api-key.txt"  # a secret file, never a plain config value
+    key_file.write_text(API_KEY + "\n")
+    args["server"]["api_key_file"] = str(key_file)  # the playground must work with auth on
     faults = {"general": "deployments.engines.faults:HangingEngine"}
     with serve_graph(args, faults) as (url, metrics_port, logs):
         yield {"url": url, "metrics_port": metrics_port, "logs": logs}
