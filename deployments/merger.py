@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 # Mixture-of-Agents' aggregate-and-synthesize prompt (Wang et al., 2024), cut down for a small model: a
 # 135M model follows one user message that ends in the instruction better than a long system prompt.
-AGGREGATE_PROMPT = "Merge these answers into one answer to the question. Include the key points of every answer."
+AGGREGATE_PROMPT = (
+    "Write one answer that covers every part of the question: use answer A for its part, then answer B for its part."
+)
 CHARS_PER_TOKEN = 4  # budget answers in characters: the prompt is built before any engine tokenises it
 
 
