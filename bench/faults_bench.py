@@ -179,7 +179,8 @@ def one_request(
                                 if choice.get("finish_reason") in ("stop", "length"):
                                     finished = True
                                     _judge_routing(out, obj.get("routing"))
-                        out.ok = done and finished and not out.interrupted  # the final chunk after an error event ends an incomplete answer
+                        # After an error event the final chunk closes an incomplete answer: not a success.
+                        out.ok = done and finished and not out.interrupted
                         out.lost = not (done and (finished or out.interrupted))
     except Exception as err:  # a hang past the timeout, a reset connection: the request is lost
         out.lost = True
