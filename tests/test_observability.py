@@ -226,7 +226,10 @@ def test_request_id_round_trip_and_logs(served: dict) -> None:
     assert chunks and all(c["id"] == rid + "-s" for c in chunks)
     # Without one, the service makes one, returns it and uses it as the id.
     made = httpx.post(
-        f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=AUTH, timeout=60
+        f"{url}/v1/chat/completions",
+        json={"model": "code", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        headers=AUTH,
+        timeout=60,
     )
     assert made.json()["id"] == made.headers["x-request-id"] and made.headers["x-request-id"]
     bad = httpx.post(f"{url}/v1/models", headers={"X-Request-Id": "bad id with spaces"})
