@@ -16,7 +16,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.val is None and args.data == [str(CORPUS_DIR / "train.jsonl.gz")]:
             args.val = str(CORPUS_DIR / "val.jsonl.gz")
         val = read_jsonl(args.val) if args.val else None
-        cfg = TrainConfig(kind=args.kind, c=args.c, epochs=args.epochs, lr=args.lr, dim=args.dim, seed=args.seed)
+        cfg = TrainConfig(
+            kind=args.kind,
+            c=args.c,
+            epochs=args.epochs,
+            lr=args.lr,
+            dim=args.dim,
+            seed=args.seed,
+            static_from=args.static_from,
+            static_dim=args.static_dim,
+        )
         model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
         raise SystemExit(f"consilium: error: {err}") from None
@@ -82,6 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--lr", type=float, default=0.05)
     tr.add_argument("--dim", type=int, default=32)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument(
+        "--static-from",
+        default="",
+        help="linear: add static token embeddings from a causal LM checkpoint dir or a router artifact",
+    )
+    tr.add_argument("--static-dim", type=int, default=64, help="linear: PCA components of the static embeddings")
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")
     ev.add_argument("--model", help="artifact directory (default: the shipped router)")

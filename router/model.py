@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import unicodedata
@@ -16,6 +17,7 @@ from torch import nn
 
 WEIGHTS_FILE = "router.safetensors"
 META_FILE = "router.json"
+TOKENIZER_FILE = "tokenizer.json.gz"  # static-embedding tokenizer, gzipped (3.5 MB -> under 1 MB)
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -56,6 +58,15 @@ def featurize(text: str, cfg: HashingConfig) -> list[int]:
     return ids
 
 
+def static_features(text: str, tokenizer, table: np.ndarray, max_chars: int) -> np.ndarray:
+    """L2-normalised mean of the reduced embedding rows of the prompt prefix's subword tokens."""
+    ids = tokenizer.encode(unicodedata.normalize("NFKC", text[:max_chars]), add_special_tokens=False).ids
+    if not ids:
+        return np.zeros(table.shape[1], dtype=np.float32)
+    v = table[ids].mean(axis=0)
+    return v / (float(np.linalg.norm(v)) + 1e-8)
+
+
 @dataclass
 class TinyAdaConfig:
     """Model and artifact settings."""
@@ -67,6 +78,11 @@ class TinyAdaConfig:
     # "mean": bag mean, as fastText; "l2": n-gram counts over their L2 norm (the linear model: a long
     # prompt's many n-grams then do not drown the few that name its domain)
     pooling: str = "mean"
+    # Static token embeddings (model2vec-style): a prompt's subword tokens, mean-pooled over a
+    # PCA-reduced copy of a small LM's input-embedding table, L2-normalised, feed a second linear
+    # block next to the n-grams. 0 = off (older artifacts). The table and tokenizer ship in the artifact.
+    static_dim: int = 0
+    static_vocab: int = 0
 
 
 class TinyAda(nn.Module):
@@ -83,6 +99,12 @@ class TinyAda(nn.Module):
         self.head = nn.Linear(config.dim, len(config.domains))
         nn.init.uniform_(self.embed.weight, -1.0 / config.dim, 1.0 / config.dim)
         self._np: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.tokenizer = None  # tokenizers.Tokenizer when static_dim > 0
+        if config.static_dim:
+            # (vocab, k) reduced embedding rows and (n_domains, k) weights on their normalised mean
+            self.register_buffer("static_table", torch.zeros(config.static_vocab, config.static_dim))
+            self.register_buffer("static_weight", torch.zeros(len(config.domains), config.static_dim))
+            self._static_np: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def domains(self) -> list[str]:
@@ -116,6 +138,9 @@ class TinyAda(nn.Module):
         else:
             h = emb[ids].mean(axis=0)  # (D,)
         logits = w @ h + b  # (n_domains,)
+        if self.config.static_dim:
+            table, sw = self._static_np  # type: ignore[misc]
+            logits = logits + sw @ static_features(text, self.tokenizer, table, self.config.hashing.max_chars)
         probs = 1.0 / (1.0 + np.exp(-logits))
         return {d: float(p) for d, p in zip(self.domains, probs, strict=True)}
 
@@ -129,6 +154,8 @@ class TinyAda(nn.Module):
             self.head.weight.detach().float().numpy(),
             self.head.bias.detach().float().numpy(),
         )
+        if self.config.static_dim:
+            self._static_np = (self.static_table.float().numpy(), self.static_weight.float().numpy())
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
@@ -139,6 +166,9 @@ class TinyAda(nn.Module):
         meta = asdict(self.config)
         meta["format"] = "consilium-tiny-ada/1"
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        if self.config.static_dim:
+            # mtime=0: the same tokenizer gives the same bytes
+            (out / TOKENIZER_FILE).write_bytes(gzip.compress(self.tokenizer.to_str().encode(), mtime=0))
         return out
 
     @classmethod
@@ -153,6 +183,13 @@ class TinyAda(nn.Module):
         h["char_ngrams"] = tuple(h["char_ngrams"])
         model = cls(TinyAdaConfig(hashing=HashingConfig(**h), **meta))
         model.load_state_dict({k: v.float() for k, v in load_file(weights_path).items()})
+        if model.config.static_dim:
+            tok_path = path / TOKENIZER_FILE
+            if not tok_path.is_file():
+                raise FileNotFoundError(f"{path} uses static embeddings but has no {TOKENIZER_FILE}")
+            from tokenizers import Tokenizer
+
+            model.tokenizer = Tokenizer.from_str(gzip.decompress(tok_path.read_bytes()).decode())
         model.eval()
         model.refresh()
         return model

@@ -48,6 +48,12 @@ class TrainConfig:
     class_weight: str | None = "balanced"  # linear: reweight so each domain's positives weigh as much as its rest
     linear_buckets: int = 1 << 18  # linear: hash space; 3 domains x 2^18 x fp16 = 1.5 MB artifact
     multi_label_weight: float = 5.0  # linear: weight of a multi-domain prompt (rare, and what top_k > 1 is for)
+    # linear: static token embeddings next to the n-grams, from a causal LM checkpoint directory
+    # (model.safetensors + tokenizer.json; its input embeddings, PCA-reduced) or from a router
+    # artifact that already has them (its table and tokenizer are reused). "" = n-grams only.
+    static_from: str = ""
+    static_dim: int = 64  # PCA components kept: 49152 x 64 x fp16 = 6.3 MB of the <= 10 MB artifact
+    static_scale: float = 1.0  # weight of the (unit-norm) pooled embedding against the (unit-norm) n-grams
     epochs: int = 16
     batch_size: int = 32
     lr: float = 0.05
@@ -151,6 +157,43 @@ def features(texts: list[str], cfg: HashingConfig) -> sp.csr_matrix:
     )
 
 
+def load_static(source: str | Path, dim: int) -> tuple[np.ndarray, object]:
+    """(vocab, dim) reduced embedding table and tokenizer from a checkpoint dir or a router artifact."""
+    from tokenizers import Tokenizer
+
+    source = Path(source)
+    if (source / "router.json").is_file():
+        model = TinyAda.load(source)
+        if not model.config.static_dim:
+            raise DataError(f"static_from: router artifact {str(source)!r} has no static embeddings")
+        return model.static_table.float().numpy(), model.tokenizer
+    weights, tok = source / "model.safetensors", source / "tokenizer.json"
+    if not weights.is_file() or not tok.is_file():
+        raise DataError(
+            f"static_from: {str(source)!r} needs model.safetensors and tokenizer.json (or be a router artifact)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as fh:
+        names = [k for k in fh.keys() if k.endswith("embed_tokens.weight")]  # noqa: SIM118 (not a dict)
+        if not names:
+            raise DataError(f"static_from: {str(weights)!r} has no embed_tokens.weight tensor")
+        emb = fh.get_tensor(names[0]).float().numpy()
+    if not 0 < dim <= emb.shape[1]:
+        raise DataError(f"static_dim must be in 1..{emb.shape[1]}, got {dim}")
+    centred = emb - emb.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)  # principal directions of the token space
+    vt = vt[:dim] * np.sign(vt[:dim, :1] + 1e-12)  # fixed sign per component: same table every run
+    return (centred @ vt.T).astype(np.float32), Tokenizer.from_file(str(tok))
+
+
+def static_matrix(texts: list[str], tokenizer, table: np.ndarray, max_chars: int) -> np.ndarray:
+    """(N, k) pooled static features, exactly as TinyAda.score computes them."""
+    from router.model import static_features
+
+    return np.stack([static_features(t, tokenizer, table, max_chars) for t in texts]).astype(np.float32)
+
+
 def train_linear(
     train: list[Example], val: list[Example] | None = None, config: TrainConfig | None = None
 ) -> tuple[TinyAda, dict[str, float]]:
@@ -162,6 +205,13 @@ def train_linear(
     t0 = time.perf_counter()
     hashing = HashingConfig(buckets=cfg.linear_buckets, punctuation=False)
     x = features([ex.text for ex in train], hashing)
+    static = None
+    if cfg.static_from:
+        table, tokenizer = load_static(cfg.static_from, cfg.static_dim)
+        table = table.astype(np.float16).astype(np.float32)  # train on what the fp16 artifact will serve
+        s_x = static_matrix([ex.text for ex in train], tokenizer, table, hashing.max_chars)
+        x = sp.hstack([x, sp.csr_matrix(s_x * cfg.static_scale)]).tocsr()
+        static = (table, tokenizer)
     y = targets(train, domains).numpy()
     sample_weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
     weights, biases = [], []
@@ -172,10 +222,24 @@ def train_linear(
         lr.fit(x, y[:, j], sample_weight=sample_weight)
         weights.append(lr.coef_[0])
         biases.append(lr.intercept_[0])
-    n = len(domains)
-    model = TinyAda(TinyAdaConfig(domains=domains, dim=n, hashing=hashing, pooling="l2"))
+    n, b = len(domains), hashing.buckets
+    w_all = np.stack(weights, axis=1)  # (buckets [+ k], n_domains)
+    model = TinyAda(
+        TinyAdaConfig(
+            domains=domains,
+            dim=n,
+            hashing=hashing,
+            pooling="l2",
+            static_dim=static[0].shape[1] if static else 0,
+            static_vocab=static[0].shape[0] if static else 0,
+        )
+    )
     with torch.no_grad():
-        model.embed.weight.copy_(torch.from_numpy(np.stack(weights, axis=1)))  # (buckets, n_domains)
+        model.embed.weight.copy_(torch.from_numpy(w_all[:b]))
+        if static:
+            model.static_table.copy_(torch.from_numpy(static[0]))
+            model.static_weight.copy_(torch.from_numpy(w_all[b:].T * cfg.static_scale))  # scale folded in
+            model.tokenizer = static[1]
         model.head.weight.copy_(torch.eye(n))
         model.head.bias.copy_(torch.tensor(biases))
     model.eval()

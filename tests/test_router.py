@@ -305,3 +305,54 @@ def test_cli_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["router", "eval", "--data", str(data), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "confusion" in capsys.readouterr().out
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    """A causal-LM-shaped checkpoint dir: a word-level tokenizer and a random embed_tokens table."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for ex in TOY for w in ex.text.split()} | {"[UNK]", "garage", "pie"})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    gen = torch.Generator().manual_seed(0)
+    save_file({"model.embed_tokens.weight": torch.randn(len(words), 16, generator=gen)}, path / "model.safetensors")
+    return path
+
+
+def test_linear_model_with_static_embeddings(tmp_path: Path) -> None:
+    from router.model import static_features
+    from router.train import features
+
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    cfg = TrainConfig(kind="linear", linear_buckets=1 << 12, static_from=str(ckpt), static_dim=4, static_scale=2.0)
+    model, _ = train_router(TOY, TOY, cfg, progress=False)
+    assert model.config.static_dim == 4 and model.static_table.shape == (model.config.static_vocab, 4)
+    report = evaluate(model, TOY)
+    assert report.accuracy == 1.0
+    # score() = n-gram block + static block, recomputed by hand from the stored tensors
+    text = "apple pie car car"
+    emb, w, b = model._np  # type: ignore[misc]
+    table, sw = model._static_np  # type: ignore[misc]
+    pooled = table[[model.tokenizer.token_to_id(t) for t in text.split()]].mean(axis=0)
+    assert np.allclose(static_features(text, model.tokenizer, table, 2000), pooled / np.linalg.norm(pooled), atol=1e-6)
+    logits = (features([text], model.config.hashing) @ emb) @ w.T + b + sw @ (pooled / np.linalg.norm(pooled))
+    got = model.score(text)
+    assert np.allclose([got[d] for d in model.domains], 1 / (1 + np.exp(-logits[0])), atol=1e-5)
+    # save/load keeps table, weights and tokenizer; retraining from the artifact reuses its table
+    model.save(tmp_path / "art")
+    loaded = TinyAda.load(tmp_path / "art")
+    a, b2 = model.score("garage apple"), loaded.score("garage apple")
+    assert all(abs(a[d] - b2[d]) < 2e-3 for d in a)
+    again, _ = train_router(
+        TOY,
+        TOY,
+        TrainConfig(kind="linear", linear_buckets=1 << 12, static_from=str(tmp_path / "art"), static_dim=4),
+        progress=False,
+    )
+    assert np.array_equal(again._static_np[0], loaded._static_np[0])  # type: ignore[index]
+    with pytest.raises(DataError, match=r"tokenizer\.json"):
+        train_router(TOY, TOY, TrainConfig(kind="linear", static_from=str(tmp_path)), progress=False)
