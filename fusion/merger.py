@@ -132,14 +132,7 @@ class AdvancedCrossAttentionMerger(nn.Module):
                     f"{(self.config.depth_layers, B, K, L, D)}, got {got}"
                 )
             hq, hk, hv = (self.norm(m).reshape(B, T, D) for m in self.depth(layers))  # 3 x (B, T, D)
-        q = self.wq(hq).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, dh)
-        k = self.wk(hk).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
-        v = self.wv(hv).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.h_kv != self.h:
-            rep = self.h // self.h_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, dh)
+        q, k, v = self.project(hq, hk, hv)  # 3 x (B, H, T, dh)
 
         valid = mask.reshape(B, T)  # (B, T)
         logw = None
@@ -174,6 +167,21 @@ class AdvancedCrossAttentionMerger(nn.Module):
         out = out * torch.stack(has_keys, 1)[:, :, None, None].to(out.dtype)  # (B, K, L, D)
         return x + torch.tanh(self.gate) * out
 
+    def project(
+        self, hq: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, D) inputs -> per-head q, k, v (B, H, T, dh): QK norm applied, grouped KV heads repeated."""
+        B, T, _ = hq.shape
+        q = self.wq(hq).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, dh)
+        k = self.wk(hk).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
+        v = self.wv(hv).view(B, T, self.h_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.h_kv != self.h:
+            rep = self.h // self.h_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, dh)
+        return q, k, v
+
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -206,14 +214,7 @@ def dense_reference_attention(
     B, K, L, D = _check_shapes(x, mask, source_weights, m.config.d_model)
     T = K * L
     hx = m.norm(x).reshape(B, T, D)  # (B, T, D)
-    q = m.wq(hx).view(B, T, m.h, m.dh).transpose(1, 2)  # (B, H, T, dh)
-    k = m.wk(hx).view(B, T, m.h_kv, m.dh).transpose(1, 2)  # (B, Hkv, T, dh)
-    v = m.wv(hx).view(B, T, m.h_kv, m.dh).transpose(1, 2)  # (B, Hkv, T, dh)
-    if m.q_norm is not None:
-        q, k = m.q_norm(q), m.k_norm(k)
-    if m.h_kv != m.h:
-        rep = m.h // m.h_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, dh)
+    q, k, v = m.project(hx, hx, hx)  # 3 x (B, H, T, dh); the reference differs in the mask, not the projections
     valid = mask.reshape(B, T)  # (B, T)
     src = torch.arange(K, device=x.device).repeat_interleave(L)  # (T,)
     allowed = valid[:, None, :] & (src[None, :, None] != src[None, None, :])  # (B, Tq, Tk)

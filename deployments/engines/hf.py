@@ -596,12 +596,11 @@ def merge_deltas(items: Sequence[StreamDelta]) -> StreamDelta:
 
 def collect(deltas: Sequence[StreamDelta]) -> GenerationResult:
     """A whole result from a finished stream of deltas."""
-    last = deltas[-1]
-    logprobs = [lp for d in deltas for lp in (d.logprobs or [])]
+    whole = merge_deltas(deltas)
     return GenerationResult(
-        text="".join(d.text for d in deltas),
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        finish_reason=last.finish_reason or "stop",
-        logprobs=logprobs or None,
+        text=whole.text,
+        prompt_tokens=whole.prompt_tokens,
+        completion_tokens=whole.completion_tokens,
+        finish_reason=whole.finish_reason or "stop",
+        logprobs=whole.logprobs or None,
     )
