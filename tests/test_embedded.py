@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import yaml
 from deployments.config import EngineConfig, MergerConfig
 from deployments.engines.base import GenerationRequest, SamplingParams
 from deployments.models import embedded
+from tests.serving import local_serve
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "deployments" / "models" / "smollm2_adapters"
@@ -153,23 +153,14 @@ def embedded_args(smollm2: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def served(smollm2: Path) -> Iterator[str]:
-    import ray
     from ray import serve
 
     from deployments.app import build_graph
     from deployments.config import parse_graph_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(num_cpus=2) as base:
         serve.run(build_graph(parse_graph_config(embedded_args(smollm2))), name="embedded", route_prefix="/")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield f"{base}/v1"
 
 
 @pytest.mark.serve

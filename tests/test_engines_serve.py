@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serve import free_port, tiny_args
+from tests.serving import local_serve
+from tests.test_serve import tiny_args
 
 pytestmark = pytest.mark.serve
 
@@ -51,24 +52,18 @@ def load_args(zoo: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def url(zoo: Path) -> Iterator[str]:
-    import ray
     from ray import serve
 
     from deployments.app import build_graph
     from deployments.config import parse_graph_config
 
-    port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    graph = build_graph(
-        parse_graph_config(load_args(zoo)), engine_overrides={"staller": "deployments.engines.faults:StallingEngine"}
-    )
-    serve.run(graph, name="load", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve(num_cpus=4) as base:
+        graph = build_graph(
+            parse_graph_config(load_args(zoo)),
+            engine_overrides={"staller": "deployments.engines.faults:StallingEngine"},
+        )
+        serve.run(graph, name="load", route_prefix="/")
+        yield base
 
 
 def stats() -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.serving import local_serve
 
 pytestmark = pytest.mark.serve
 
@@ -51,15 +52,8 @@ def corpus_args(zoo: Path, key_file: Path) -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import ray
     from ray import serve
 
     from deployments.app import build_graph
@@ -67,15 +61,9 @@ def url(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     key_file = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(KEY)
-    port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_graph(parse_graph_config(corpus_args(zoo, key_file))), name="hostile", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve(num_cpus=4) as base:
+        serve.run(build_graph(parse_graph_config(corpus_args(zoo, key_file))), name="hostile", route_prefix="/")
+        yield base
 
 
 @pytest.fixture(scope="module")

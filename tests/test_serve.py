@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import httpx
 import openai
 import pytest
 import yaml
+
+from tests.serving import local_serve
 
 pytestmark = pytest.mark.serve
 
@@ -58,36 +59,22 @@ def fault_args(zoo: Path) -> dict:
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(zoo: Path, trained_adapter: tuple[Path, dict]) -> Iterator[str]:
-    import ray
     from ray import serve
 
     from deployments.app import build_graph
     from deployments.config import parse_graph_config
 
-    port = free_port()
-    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_graph(parse_graph_config(tiny_args(zoo, trained_adapter[0]))), name="main", route_prefix="/")
-    faults = {
-        "code": "deployments.engines.faults:HangingEngine",
-        "general": "deployments.engines.faults:ExplodingEngine",
-    }
-    serve.run(
-        build_graph(parse_graph_config(fault_args(zoo)), engine_overrides=faults), name="faults", route_prefix="/faults"
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve(num_cpus=4, num_gpus=3) as url:
+        serve.run(build_graph(parse_graph_config(tiny_args(zoo, trained_adapter[0]))), name="main", route_prefix="/")
+        faults = {
+            "code": "deployments.engines.faults:HangingEngine",
+            "general": "deployments.engines.faults:ExplodingEngine",
+        }
+        graph = build_graph(parse_graph_config(fault_args(zoo)), engine_overrides=faults)
+        serve.run(graph, name="faults", route_prefix="/faults")
+        yield url
 
 
 @pytest.fixture(scope="module")
