@@ -56,14 +56,20 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt: either raw text (completions) or chat messages (rendered with the chat template)."""
+    """One prompt: either raw text (completions) or chat messages (rendered with the chat template).
+
+    Multimodal requests: a message's content may be a list of parts in the Hugging Face chat-template
+    shape (`{"type": "text", "text": ...}`, `{"type": "image"}`), and `images` holds the decoded,
+    validated RGB images (PIL) in the order their `{"type": "image"}` parts appear.
+    """
 
     prompt: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # None: the base model without any adapter
     prompt_ids: tuple[int, ...] | None = None  # already rendered by the serving engine (tokenise once)
     logits_processor: LogitsProcessor | None = field(default=None, compare=False)  # in-process only
+    images: tuple[Any, ...] = ()  # PIL.Image.Image in RGB, one per {"type": "image"} part
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
