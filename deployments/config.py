@@ -230,6 +230,13 @@ class MergerConfig(_Strict):
         description="Untrained merger only: mix the last N encoder hidden states (DCA-style); 0 = last layer. "
         "A trained merger directory carries its own setting.",
     )
+    sliding_window: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Fusion merger: each answer token attends to positions within +-W of the other answers "
+        "(long answers); None = all. Parameter-free, so it applies to a trained merger too.",
+    )
     device: str | None = Field(None, description="torch device; None picks what is present.")
     dtype: DType = Field("auto")
     max_answer_tokens: int = Field(256, ge=8, le=4096, description="Per-answer token budget (truncates).")
@@ -243,6 +250,8 @@ class MergerConfig(_Strict):
     def _mode_fields(self) -> MergerConfig:
         if self.synthesis == "aggregate" and self.merger_weights is not None:
             raise ValueError("merger_weights belongs to synthesis 'fusion'; synthesis 'aggregate' has no merger module")
+        if self.synthesis == "aggregate" and self.sliding_window is not None:
+            raise ValueError("sliding_window belongs to synthesis 'fusion'; synthesis 'aggregate' has no merger module")
         return self
 
     @field_validator("depth_layers")

@@ -116,6 +116,7 @@ class MergerService:
             dtype=resolve_dtype(config.dtype, device),
             max_answer_tokens=config.max_answer_tokens,
             depth_layers=config.depth_layers,
+            sliding_window=config.sliding_window,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger")
 

@@ -17,9 +17,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"consilium: error: {err}") from None
     try:
         synth = Synthesizer.from_pretrained(
-            args.model, merger_path=args.init, max_answer_tokens=args.max_answer_tokens, depth_layers=args.depth_layers
+            args.model,
+            merger_path=args.init,
+            max_answer_tokens=args.max_answer_tokens,
+            depth_layers=args.depth_layers,
+            sliding_window=args.sliding_window,
         )
-    except ValueError as err:  # e.g. --depth-layers larger than the encoder, or unlike the --init merger's
+    except ValueError as err:  # e.g. --depth-layers larger than the encoder or unlike --init's, a bad --sliding-window
         raise SystemExit(f"consilium: error: {err}") from None
     cfg = FusionTrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     history = train_fusion(synth, train, val, cfg)
@@ -57,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="DCA-style depth mix: the merger reads the last N encoder hidden states (0 = last layer only)",
+    )
+    tr.add_argument(
+        "--sliding-window",
+        type=int,
+        default=None,
+        help="merger attention: each answer token sees positions within +-W of the other answers (default: all)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train)

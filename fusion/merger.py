@@ -28,6 +28,9 @@ class MergerConfig:
     dropout: float = 0.0  # attention dropout (training only)
     routing_bias: bool = True  # add log(routing weight) of each key's source to the logits
     depth_layers: int = 0  # DCA-style depth mix: read the last N encoder hidden states (0 = last layer only)
+    # Sliding window: a token at position i of its answer attends only to positions i-W..i+W of every other
+    # answer (None = all positions). For long answers: cost per query (K-1)(2W+1) keys instead of (K-1)L.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         kv = self.num_kv_heads or self.num_heads
@@ -39,6 +42,13 @@ class MergerConfig:
             raise ValueError(f"softcap must be > 0, got {self.softcap}")
         if self.depth_layers == 1 or self.depth_layers < 0:
             raise ValueError(f"depth_layers must be 0 (off) or >= 2 encoder hidden states, got {self.depth_layers}")
+        check_sliding_window(self.sliding_window)
+
+
+def check_sliding_window(window: object) -> None:
+    """None (off) or a whole number of positions >= 1; a ValueError naming the value otherwise."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding_window must be None (off) or an integer >= 1 (positions each side), got {window!r}")
 
 
 class RMSNorm(nn.Module):
@@ -139,6 +149,11 @@ class AdvancedCrossAttentionMerger(nn.Module):
         if self.config.routing_bias and source_weights is not None:
             logw = source_weights.to(q.dtype).clamp_min(1e-6).log().repeat_interleave(L, dim=1)  # (B, Tk)
         p_drop = self.config.dropout if self.training else 0.0
+        window = self.config.sliding_window
+        if window is not None and window < L - 1:  # a window covering the whole answer is no window
+            out, keep = self._windowed(q, k, v, mask, logw, window, p_drop)  # (B, H, T, dh), (B, K, L)
+            out = self.wo(out.transpose(1, 2).reshape(B, T, self.h * self.dh)).view(B, K, L, D)
+            return x + torch.tanh(self.gate) * (out * keep[..., None].to(out.dtype))
         src = torch.arange(K, device=x.device).repeat_interleave(L)  # (T,) source index of each token
         outs, has_keys = [], []
         # One answer's queries at a time, against every key with its own answer's keys masked out: the
@@ -153,19 +168,75 @@ class AdvancedCrossAttentionMerger(nn.Module):
             bias = torch.zeros(B, T, dtype=q.dtype, device=x.device) if logw is None else logw
             bias = bias.masked_fill(~allowed, float("-inf"))[:, None, None, :]  # (B, 1, 1, Tk)
             qj = q[:, :, j * L : (j + 1) * L]  # (B, H, L, dh)
-            if self.config.softcap is None:
-                o = F.scaled_dot_product_attention(qj, k, v, attn_mask=bias, dropout_p=p_drop)  # (B, H, L, dh)
-            else:
-                cap = self.config.softcap
-                logits = (qj @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (B, H, L, Tk)
-                logits = cap * torch.tanh(logits / cap) + bias
-                o = F.dropout(logits.softmax(-1), p=p_drop, training=self.training) @ v  # (B, H, L, dh)
-            outs.append(o)
+            outs.append(self._attend(qj, k, v, bias, p_drop))  # (B, H, L, dh)
             has_keys.append(has_key)
         out = torch.stack(outs, 2).reshape(B, self.h, T, self.dh)  # (B, H, T, dh)
         out = self.wo(out.transpose(1, 2).reshape(B, T, self.h * self.dh)).view(B, K, L, D)
         out = out * torch.stack(has_keys, 1)[:, :, None, None].to(out.dtype)  # (B, K, L, D)
         return x + torch.tanh(self.gate) * out
+
+    def _windowed(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        logw: torch.Tensor | None,
+        window: int,
+        p_drop: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sliding-window cross-attention: query (answer j, position i) sees keys (answer a != j, position p)
+        with |i - p| <= window. Positions count from the start of each answer, so the window is aligned
+        across answers (FiD passages share the "question: ... expert: ... answer:" prefix and tend to
+        progress alike); a window over the concatenation would instead pair one answer's tail with the
+        next one's head.
+
+        Queries go in chunks of C positions; a chunk needs only positions [s - W, e + W) of each answer,
+        so its logits are (B, H, C, K * (C + 2W)) and the whole pass costs O(T * K * (C + 2W)) instead
+        of O(T * T). Returns the attention output (B, H, T, dh) and which queries had a key (B, K, L):
+        a query whose window holds no real token of another answer keeps its input (output zeroed).
+        """
+        B, H, _, dh = q.shape
+        K, L = mask.shape[1], mask.shape[2]
+        C = min(L, max(16, window))  # queries per chunk
+        kb, vb = k.view(B, H, K, L, dh), v.view(B, H, K, L, dh)  # (B, H, K, L, dh)
+        wb = None if logw is None else logw.view(B, K, L)
+        pos = torch.arange(L, device=q.device)
+        outs, keeps = [], []
+        for j in range(K):
+            block_outs, block_keeps = [], []
+            for s in range(0, L, C):
+                e = min(s + C, L)
+                lo, hi = max(0, s - window), min(L, e + window)
+                n = hi - lo
+                kc = kb[:, :, :, lo:hi].reshape(B, H, K * n, dh)  # (B, H, Kn, dh)
+                vc = vb[:, :, :, lo:hi].reshape(B, H, K * n, dh)
+                other = (torch.arange(K, device=q.device) != j).repeat_interleave(n)  # (Kn,)
+                near = (pos[s:e, None] - pos[lo:hi].repeat(K)[None, :]).abs() <= window  # (C, Kn)
+                allowed = mask[:, :, lo:hi].reshape(B, 1, K * n) & other & near  # (B, C, Kn)
+                has_key = allowed.any(-1)  # (B, C)
+                allowed = allowed | ~has_key[..., None]  # keep the softmax finite; zeroed below
+                bias = torch.zeros(B, e - s, K * n, dtype=q.dtype, device=q.device)
+                if wb is not None:
+                    bias = bias + wb[:, :, lo:hi].reshape(B, 1, K * n)
+                bias = bias.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, C, Kn)
+                qc = q[:, :, j * L + s : j * L + e]  # (B, H, C, dh)
+                block_outs.append(self._attend(qc, kc, vc, bias, p_drop))  # (B, H, C, dh)
+                block_keeps.append(has_key)
+            outs.append(torch.cat(block_outs, 2))  # (B, H, L, dh)
+            keeps.append(torch.cat(block_keeps, 1))  # (B, L)
+        return torch.cat(outs, 2), torch.stack(keeps, 1)  # (B, H, T, dh), (B, K, L)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p_drop: float
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(dh) [soft-capped] + bias) v, with attention dropout."""
+        if self.config.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop)
+        cap = self.config.softcap
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)
+        logits = cap * torch.tanh(logits / cap) + bias
+        return F.dropout(logits.softmax(-1), p=p_drop, training=self.training) @ v
 
     def project(
         self, hq: torch.Tensor, hk: torch.Tensor, hv: torch.Tensor
@@ -207,8 +278,8 @@ def dense_reference_attention(
 ) -> torch.Tensor:
     """The merger's original forward with a dense (B, T, T) mask, T = K * L: O(T^2) memory.
 
-    Not used by the merger; kept as the reference its per-block path is tested and benchmarked
-    against (depth mixing off, eval mode).
+    Not used by the merger; kept as the reference its per-block and sliding-window paths are tested
+    and benchmarked against (depth mixing off, eval mode).
     """
     m = merger
     B, K, L, D = _check_shapes(x, mask, source_weights, m.config.d_model)
@@ -218,6 +289,9 @@ def dense_reference_attention(
     valid = mask.reshape(B, T)  # (B, T)
     src = torch.arange(K, device=x.device).repeat_interleave(L)  # (T,)
     allowed = valid[:, None, :] & (src[None, :, None] != src[None, None, :])  # (B, Tq, Tk)
+    if m.config.sliding_window is not None:  # the window as an explicit (Tq, Tk) band on in-answer positions
+        pos = torch.arange(L, device=x.device).repeat(K)  # (T,)
+        allowed = allowed & ((pos[:, None] - pos[None, :]).abs() <= m.config.sliding_window)
     has_key = allowed.any(-1)  # (B, Tq)
     allowed = allowed | ~has_key[..., None]
     bias = torch.zeros(B, T, T, dtype=q.dtype, device=x.device)  # (B, Tq, Tk)

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutput
 
-from fusion.merger import AdvancedCrossAttentionMerger, MergerConfig
+from fusion.merger import AdvancedCrossAttentionMerger, MergerConfig, check_sliding_window
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Synthesizer:
         merger: AdvancedCrossAttentionMerger | None = None,
         max_answer_tokens: int = 256,
         depth_layers: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
         self.t5 = t5
         self.tokenizer = tokenizer
@@ -77,6 +78,9 @@ class Synthesizer:
                 f"depth_layers={depth_layers} was asked for but the merger was trained with "
                 f"depth_layers={merger.config.depth_layers}"
             )
+        if sliding_window is not None:  # no parameters: applies to a trained merger as well (None keeps its own)
+            check_sliding_window(sliding_window)
+            merger.config.sliding_window = sliding_window
         self.merger = merger.to(device=t5.device, dtype=t5.dtype)
         if self.merger.config.d_model != d:
             raise ValueError(f"merger d_model={self.merger.config.d_model} does not match T5 d_model={d}")
@@ -98,11 +102,12 @@ class Synthesizer:
         dtype: torch.dtype = torch.float32,
         max_answer_tokens: int = 256,
         depth_layers: int = 0,
+        sliding_window: int | None = None,
     ) -> Synthesizer:
         tokenizer = AutoTokenizer.from_pretrained(model)
         t5 = T5ForConditionalGeneration.from_pretrained(model, dtype=dtype, use_safetensors=True).to(device).eval()
         merger = AdvancedCrossAttentionMerger.load(merger_path, map_location=device) if merger_path else None
-        return cls(t5, tokenizer, merger, max_answer_tokens, depth_layers).eval()
+        return cls(t5, tokenizer, merger, max_answer_tokens, depth_layers, sliding_window).eval()
 
     @property
     def device(self) -> torch.device:

@@ -427,3 +427,139 @@ def test_depth_layers_bounds_name_the_value(zoo: Path) -> None:
 
     service = MergerService(MergerDeploymentConfig(model=str(zoo / "t5"), depth_layers=3, max_new_tokens=4))
     assert service.synth.merger.config.depth_layers == 3
+
+
+# ---- sliding-window attention ---------------------------------------------------------------------
+
+WINDOW_BASE = "e212ff6"  # the last commit before the sliding-window option: its merger is the reference when off
+
+
+def long_inputs(B: int = 3, K: int = 4, L: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(3)
+    x = torch.randn(B, K, L, D)
+    mask = torch.ones(B, K, L, dtype=torch.bool)
+    mask[0, 1, 10:] = False  # a short answer: late tokens of the others find nothing of it in their window
+    mask[0, 2, 4:] = False
+    mask[1, 3] = False  # an absent answer
+    mask[2, 1:] = False  # one answer only: nothing to read anywhere
+    w = torch.tensor([[0.9, 0.5, 0.1, 0.7], [1.0, 1.0, 1.0, 1.0], [0.2, 0.3, 0.4, 0.5]])
+    return x, mask, w
+
+
+@pytest.mark.parametrize("window", [1, 3, 9])
+@pytest.mark.parametrize("kw", OPTION_SETS)
+def test_sliding_window_equals_dense_band_mask(window: int, kw: dict) -> None:
+    from fusion.merger import dense_reference_attention
+
+    m = opened(merger(sliding_window=window, **kw))
+    x, mask, w = long_inputs()
+    for weights in (None, w):
+        ref = dense_reference_attention(m, x, mask, weights)  # explicit (T, T) mask with the |i - p| <= W band
+        out = m(x, mask, weights)
+        assert torch.allclose(out, ref, atol=1e-6, rtol=0), (window, kw, (out - ref).abs().max())
+        dense = opened(merger(**kw))(x, mask, weights)
+        assert not torch.allclose(out, dense, atol=1e-4)  # the window really restricts attention
+        assert torch.equal(out[2, 0], x[2, 0])  # the only real answer has nothing to read
+    # Answers 1 and 2 of batch 0 end early and answer 3 has all 24 tokens: answer 0's token 23 sees
+    # answer 3's positions 23-W..23 only; with W < 13 nothing of answers 1, 2 is near, so only answer 3 counts.
+    solo = mask.clone()
+    solo[0, 1:3] = False
+    assert torch.allclose(m(x, mask)[0, 0, 23], m(x, solo)[0, 0, 23], atol=1e-6)
+
+
+def test_sliding_window_isolated_query_keeps_its_input() -> None:
+    """A query whose window holds no real token of another answer is left as it is (no NaN)."""
+    m = opened(merger(sliding_window=2))
+    x = torch.randn(1, 2, 20, D)
+    mask = torch.ones(1, 2, 20, dtype=torch.bool)
+    mask[0, 1, 5:] = False  # answer 1 has 5 tokens; answer 0's tokens 7.. see nothing within 2 positions
+    out = m(x, mask)
+    assert torch.equal(out[0, 0, 7:], x[0, 0, 7:]) and not torch.allclose(out[0, 0, :7], x[0, 0, :7])
+    assert torch.isfinite(out).all()
+
+
+def test_sliding_window_covering_the_answer_is_no_window() -> None:
+    x, mask, w = long_inputs(L=10)
+    for window in (9, 50):  # |i - p| <= L - 1 always holds
+        assert torch.equal(opened(merger(sliding_window=window))(x, mask, w), opened(merger())(x, mask, w))
+
+
+def test_sliding_window_off_is_the_merger_before_it_bit_for_bit(tmp_path: Path) -> None:
+    """With the window off, the output is exactly what the merger computed before the option existed."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{WINDOW_BASE}:fusion/merger.py"], cwd=repo, capture_output=True, check=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"git history with commit {WINDOW_BASE} is not available (e.g. a shallow clone)")
+    path = tmp_path / "merger_before_window.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("merger_before_window", path)
+    before = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = before
+    spec.loader.exec_module(before)
+    x, mask, w = long_inputs()
+    for kw in [*OPTION_SETS, {"depth_layers": 3}]:
+        torch.manual_seed(0)
+        old = before.AdvancedCrossAttentionMerger(before.MergerConfig(d_model=D, num_heads=4, **kw)).eval()
+        new = merger(**kw)
+        assert new.state_dict().keys() == old.state_dict().keys()
+        assert all(torch.equal(new.state_dict()[k], v) for k, v in old.state_dict().items())
+        opened(old), opened(new)
+        layers = depth_inputs(x) if kw.get("depth_layers") else None
+        for weights in (None, w):
+            assert torch.equal(new(x, mask, weights, layers), old(x, mask, weights, layers)), kw
+
+
+def test_sliding_window_adds_no_parameters_and_round_trips(tmp_path: Path) -> None:
+    assert MergerConfig(d_model=D).sliding_window is None  # off by default
+    on, off = merger(sliding_window=4), merger()
+    assert on.state_dict().keys() == off.state_dict().keys()
+    assert all(torch.equal(on.state_dict()[k], v) for k, v in off.state_dict().items())
+    x, mask, _ = long_inputs()
+    loaded = AdvancedCrossAttentionMerger.load(opened(on).save(tmp_path / "m"))
+    assert loaded.config.sliding_window == 4 and torch.equal(loaded(x, mask), on(x, mask))
+    cfg = json.loads((tmp_path / "m" / "merger.json").read_text())
+    del cfg["sliding_window"]  # a merger saved before the option existed
+    (tmp_path / "m" / "merger.json").write_text(json.dumps(cfg))
+    assert AdvancedCrossAttentionMerger.load(tmp_path / "m").config.sliding_window is None
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_sliding_window_bad_values_name_the_value(bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"sliding_window must be None \(off\) or an integer >= 1.*got {bad!r}"):
+        MergerConfig(d_model=D, sliding_window=bad)
+
+
+def test_sliding_window_trains() -> None:
+    m = opened(merger(sliding_window=2, num_kv_heads=2, qk_norm=True, dropout=0.1)).train()
+    x, mask, w = long_inputs()
+    m(x, mask, w).pow(2).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_synthesizer_and_serve_config_take_a_sliding_window(synth: Synthesizer, zoo: Path) -> None:
+    from deployments.config import ConfigError, parse_graph_config
+    from deployments.config import MergerConfig as ServeMergerConfig
+
+    windowed = Synthesizer(synth.t5, synth.tokenizer, None, max_answer_tokens=48, sliding_window=3)
+    assert windowed.merger.config.sliding_window == 3
+    r = req("explain", "a much longer answer " * 5, "short", "third answer here")
+    assert torch.equal(windowed.encode([r])[0], synth.encode([r])[0])  # untrained: identity with or without
+    with pytest.raises(ValueError, match="sliding_window must be None"):
+        Synthesizer(synth.t5, synth.tokenizer, None, sliding_window=0)
+    assert ServeMergerConfig(model="m", sliding_window=64).sliding_window == 64
+    args = {
+        "specialists": [{"name": "general", "model": str(zoo / "general")}],
+        "router": {"fallback": "general"},
+        "merger": {"model": str(zoo / "t5"), "sliding_window": 0},
+    }
+    with pytest.raises(ConfigError, match=r"merger\.sliding_window"):
+        parse_graph_config(args)
