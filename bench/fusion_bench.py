@@ -20,6 +20,9 @@ and learning rate for every arm; the optimiser restarts between the two phases f
 Memory (`--memory`): the merger's per-answer-block attention against the dense (B, T, T) mask it
 replaced (fusion.merger.dense_reference_attention), at K = 2, 4, 8: peak RSS growth of a fresh process
 during one forward, and the time of a forward.
+
+Sliding window (`--window`): the same measurement for the per-block attention with the window off and
+with `sliding_window` W (each token sees positions within +-W of the other answers), for long answers.
 """
 
 from __future__ import annotations
@@ -361,7 +364,7 @@ def summarize_files(paths: list[str]) -> None:
 # --- memory and time of the merger's attention ---------------------------------------------------
 
 
-def _measure(path: str, K: int, L: int, D: int, heads: int, reps: int) -> dict:
+def _measure(path: str, K: int, L: int, D: int, heads: int, reps: int, window: int | None = None) -> dict:
     """In a fresh process: peak RSS growth during one forward, then the median time of `reps` forwards.
 
     One thread, and CPU time as well as wall time: on a shared machine the wall time mostly measures
@@ -369,7 +372,7 @@ def _measure(path: str, K: int, L: int, D: int, heads: int, reps: int) -> dict:
     """
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    m = AdvancedCrossAttentionMerger(MergerConfig(d_model=D, num_heads=heads)).eval()
+    m = AdvancedCrossAttentionMerger(MergerConfig(d_model=D, num_heads=heads, sliding_window=window)).eval()
     with torch.no_grad():
         m.gate.fill_(0.1)
     x = torch.randn(1, K, L, D)
@@ -433,10 +436,47 @@ def memory(args: argparse.Namespace) -> None:
     print("saved", save("fusion_memory", rows, reps=args.reps))
 
 
+def window_bench(args: argparse.Namespace) -> None:
+    D, heads, K = 1024, 16, args.window_answers
+    rows = []
+    ctx = mp.get_context("spawn")
+    for L in args.window_lengths:
+        for window in [None, *args.windows]:
+            with ctx.Pool(1) as pool:  # a fresh process: ru_maxrss is a high-water mark
+                res = pool.apply(_measure_job, (("blocks", K, L, D, heads, args.reps, window),))
+            rows.append(
+                {
+                    "K": K,
+                    "L": L,
+                    "T=K*L": K * L,
+                    "window": "off" if window is None else window,
+                    "keys/query": (K - 1) * (L if window is None else min(L, 2 * window + 1)),
+                    "peak MB": res["peak_mb"],
+                    "CPU ms": res["cpu_ms"],
+                    "wall ms": res["ms"],
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    for r in rows:  # relative to the same length with the window off
+        off = next(o for o in rows if o["L"] == r["L"] and o["window"] == "off")
+        r["CPU vs off"] = r["CPU ms"] / off["CPU ms"]
+        r["peak vs off"] = r["peak MB"] / off["peak MB"] if off["peak MB"] > 0 else float("nan")
+    print_table(
+        f"merger forward with sliding-window attention, B=1, K={K}, D={D}, {heads} heads, one CPU thread: "
+        f"peak RSS growth of a fresh process during one forward; median CPU and wall time of {args.reps} forwards",
+        rows,
+    )
+    print("saved", save("fusion_window", rows, reps=args.reps))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memory", action="store_true", help="the attention memory/time bench instead of the ablation")
     ap.add_argument("--mem-lengths", type=int, nargs="+", default=[256, 512], help="tokens per answer (--memory)")
+    ap.add_argument("--window", action="store_true", help="the sliding-window memory/time bench")
+    ap.add_argument("--windows", type=int, nargs="+", default=[32, 128], help="window sizes W (--window)")
+    ap.add_argument("--window-lengths", type=int, nargs="+", default=[512, 1024, 2048], help="L (--window)")
+    ap.add_argument("--window-answers", type=int, default=4, help="K answers (--window)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--seeds", type=int, default=3)
@@ -455,6 +495,8 @@ def main() -> None:
         summarize_files(args.summarize)
     elif args.memory:
         memory(args)
+    elif args.window:
+        window_bench(args)
     else:
         ablation(args)
 
