@@ -320,7 +320,7 @@ class VLLMEngine:
         try:  # a text-only checkpoint gives back its tokenizer here (or nothing loadable): no images
             processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            logger.debug("no processor for %s (%r): text only", config.model, err)
+            logger.info("no processor for %s (%r): text only", config.model, err)
             return None
         image_token = getattr(processor, "image_token", None)
         if image_token is None or getattr(processor, "tokenizer", None) is None:
