@@ -405,6 +405,7 @@ class VLLMEngine:
         finally:
             if not done:  # the client disconnected (or we were cancelled): free the sequence's KV cache
                 await self.engine.abort(request_id)
+            await gen.aclose()  # and close vLLM's output generator now, not whenever it is collected
 
     def check_health(self) -> None:
         if getattr(self.engine, "errored", False):
