@@ -22,7 +22,9 @@ replaced (fusion.merger.dense_reference_attention), at K = 2, 4, 8: peak RSS gro
 during one forward, and the time of a forward.
 
 Sliding window (`--window`): the same measurement for the per-block attention with the window off and
-with `sliding_window` W (each token sees positions within +-W of the other answers), for long answers.
+with `sliding_window` W (each token sees positions within +-W of the other answers), for long answers,
+with PyTorch's SDPA (whose CPU kernel does not materialise the logits) and with soft-capping (explicit
+logits).
 """
 
 from __future__ import annotations
@@ -364,7 +366,9 @@ def summarize_files(paths: list[str]) -> None:
 # --- memory and time of the merger's attention ---------------------------------------------------
 
 
-def _measure(path: str, K: int, L: int, D: int, heads: int, reps: int, window: int | None = None) -> dict:
+def _measure(
+    path: str, K: int, L: int, D: int, heads: int, reps: int, window: int | None = None, softcap: float | None = None
+) -> dict:
     """In a fresh process: peak RSS growth during one forward, then the median time of `reps` forwards.
 
     One thread, and CPU time as well as wall time: on a shared machine the wall time mostly measures
@@ -372,7 +376,8 @@ def _measure(path: str, K: int, L: int, D: int, heads: int, reps: int, window: i
     """
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    m = AdvancedCrossAttentionMerger(MergerConfig(d_model=D, num_heads=heads, sliding_window=window)).eval()
+    cfg = MergerConfig(d_model=D, num_heads=heads, sliding_window=window, softcap=softcap)
+    m = AdvancedCrossAttentionMerger(cfg).eval()
     with torch.no_grad():
         m.gate.fill_(0.1)
     x = torch.randn(1, K, L, D)
@@ -440,25 +445,28 @@ def window_bench(args: argparse.Namespace) -> None:
     D, heads, K = 1024, 16, args.window_answers
     rows = []
     ctx = mp.get_context("spawn")
-    for L in args.window_lengths:
-        for window in [None, *args.windows]:
-            with ctx.Pool(1) as pool:  # a fresh process: ru_maxrss is a high-water mark
-                res = pool.apply(_measure_job, (("blocks", K, L, D, heads, args.reps, window),))
-            rows.append(
-                {
-                    "K": K,
-                    "L": L,
-                    "T=K*L": K * L,
-                    "window": "off" if window is None else window,
-                    "keys/query": (K - 1) * (L if window is None else min(L, 2 * window + 1)),
-                    "peak MB": res["peak_mb"],
-                    "CPU ms": res["cpu_ms"],
-                    "wall ms": res["ms"],
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+    # SDPA (PyTorch's CPU kernel never materialises the logits) and soft-capping (explicit logits).
+    for softcap in (None, 30.0):
+        for L in args.window_lengths:
+            for window in [None, *args.windows]:
+                with ctx.Pool(1) as pool:  # a fresh process: ru_maxrss is a high-water mark
+                    res = pool.apply(_measure_job, (("blocks", K, L, D, heads, args.reps, window, softcap),))
+                rows.append(
+                    {
+                        "attention": "sdpa" if softcap is None else f"softcap {softcap:g}",
+                        "K": K,
+                        "L": L,
+                        "T=K*L": K * L,
+                        "window": "off" if window is None else window,
+                        "keys/query": (K - 1) * (L if window is None else min(L, 2 * window + 1)),
+                        "peak MB": res["peak_mb"],
+                        "CPU ms": res["cpu_ms"],
+                        "wall ms": res["ms"],
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
     for r in rows:  # relative to the same length with the window off
-        off = next(o for o in rows if o["L"] == r["L"] and o["window"] == "off")
+        off = next(o for o in rows if (o["attention"], o["L"], o["window"]) == (r["attention"], r["L"], "off"))
         r["CPU vs off"] = r["CPU ms"] / off["CPU ms"]
         r["peak vs off"] = r["peak MB"] / off["peak MB"] if off["peak MB"] > 0 else float("nan")
     print_table(

@@ -202,9 +202,9 @@ class AdvancedCrossAttentionMerger(nn.Module):
         kb, vb = k.view(B, H, K, L, dh), v.view(B, H, K, L, dh)  # (B, H, K, L, dh)
         wb = None if logw is None else logw.view(B, K, L)
         pos = torch.arange(L, device=q.device)
-        outs, keeps = [], []
+        out = q.new_empty(B, H, K * L, dh)  # written chunk by chunk: no list of pieces to concatenate
+        keep = torch.empty(B, K, L, dtype=torch.bool, device=q.device)
         for j in range(K):
-            block_outs, block_keeps = [], []
             for s in range(0, L, C):
                 e = min(s + C, L)
                 lo, hi = max(0, s - window), min(L, e + window)
@@ -221,11 +221,9 @@ class AdvancedCrossAttentionMerger(nn.Module):
                     bias = bias + wb[:, :, lo:hi].reshape(B, 1, K * n)
                 bias = bias.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, C, Kn)
                 qc = q[:, :, j * L + s : j * L + e]  # (B, H, C, dh)
-                block_outs.append(self._attend(qc, kc, vc, bias, p_drop))  # (B, H, C, dh)
-                block_keeps.append(has_key)
-            outs.append(torch.cat(block_outs, 2))  # (B, H, L, dh)
-            keeps.append(torch.cat(block_keeps, 1))  # (B, L)
-        return torch.cat(outs, 2), torch.stack(keeps, 1)  # (B, H, T, dh), (B, K, L)
+                out[:, :, j * L + s : j * L + e] = self._attend(qc, kc, vc, bias, p_drop)  # (B, H, C, dh)
+                keep[:, j, s:e] = has_key
+        return out, keep  # (B, H, T, dh), (B, K, L)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p_drop: float
