@@ -637,8 +637,10 @@ def test_vllm_side_input_errors_become_client_errors(vlm: Path) -> None:
 
 def test_image_limit_on_a_text_model_is_a_startup_error(zoo: Path) -> None:
     cfg = EngineConfig(model=str(zoo / "general"), engine_kwargs={"limit_mm_per_prompt": {"image": 2}})
+    started = len(FakeAsyncLLM.instances)
     with pytest.raises(EngineInputError, match="renders no image placeholder"):
         VLLMEngine(cfg, FAKE_API)
+    assert len(FakeAsyncLLM.instances) == started  # failed before loading the model into vLLM
     cfg = EngineConfig(model=str(zoo / "general"), engine_kwargs={"limit_mm_per_prompt": {"image": 0}})
     assert VLLMEngine(cfg, FAKE_API).image_limit == 0  # "no images" is a fine thing to say
 

@@ -296,7 +296,6 @@ class VLLMEngine:
             raise EngineInputError(
                 f"engine_kwargs {sorted(config.engine_kwargs)}: vLLM's AsyncEngineArgs rejected them: {err}"
             ) from None
-        self.engine = self.api.AsyncLLM.from_engine_args(args)
         # Same tokenizer and chat template handling as the HF engine, so both render prompts identically.
         self.tokenizer = load_tokenizer(config)
         self.image_limit = image_limit(config.engine_kwargs)
@@ -306,6 +305,8 @@ class VLLMEngine:
                 f"engine_kwargs.limit_mm_per_prompt allows images, but the chat template of {config.model} "
                 "renders no image placeholder: is it a vision-language model?"
             )
+        # Last: loading the model onto the GPU is the slow part, and every check above fails before it.
+        self.engine = self.api.AsyncLLM.from_engine_args(args)
         max_len = config.engine_kwargs.get("max_model_len") or getattr(self.tokenizer, "model_max_length", 0)
         self.context_length = int(max_len) if max_len and max_len < 1 << 24 else config.max_prompt_tokens + 1
         self.max_prompt_tokens = min(config.max_prompt_tokens, self.context_length - 1)
