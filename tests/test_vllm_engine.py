@@ -225,10 +225,17 @@ class FakeTokensPrompt(TypedDict, total=False):  # vllm.inputs.data.TokensPrompt
 FAKE_MM_ARCHS = {"LlavaForConditionalGeneration"}
 
 
+class FakeEngineGenerateError(Exception):  # vllm.v1.engine.exceptions.EngineGenerateError
+    pass
+
+
 class FakeAsyncLLM:
     """Emits max_tokens words "w<lora id>_<i>" one step at a time, honouring output_kind."""
 
     instances: ClassVar[list[FakeAsyncLLM]] = []
+    # Newer AsyncLLM.generate re-raises only VLLMClientError as it is and wraps other errors of
+    # add_request as `raise EngineGenerateError() from e`; older ones re-raised every ValueError.
+    wrap_errors = False
 
     def __init__(self, args: FakeAsyncEngineArgs) -> None:
         self.args, self.calls, self.aborted = args.__dict__, [], []
@@ -282,7 +289,12 @@ class FakeAsyncLLM:
 
     async def generate(self, prompt, sampling_params, request_id, lora_request=None):
         self.calls.append((prompt, sampling_params, lora_request))
-        prompt_ids = self.process(prompt)  # raised at the first iteration, as AsyncLLM.add_request does
+        try:
+            prompt_ids = self.process(prompt)  # raised at the first iteration, as AsyncLLM.add_request does
+        except Exception as e:
+            if self.wrap_errors:
+                raise FakeEngineGenerateError() from e
+            raise
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:
@@ -625,14 +637,21 @@ def test_vllm_side_input_errors_become_client_errors(vlm: Path) -> None:
     """Defence in depth: a ValueError vLLM raises while adding a request is a 400, as in vLLM's own server."""
     engine = VLLMEngine(EngineConfig(model=str(vlm)), FAKE_API)
     engine.engine.multimodal = False  # vLLM built the model text-only (e.g. a different architecture)
-    with pytest.raises(EngineInputError, match=r"vLLM rejected the request: .* is not a multimodal model"):
-        asyncio.run(engine.generate(image_chat("x", 1)))
 
-    async def go():
+    async def streamed():
         return [d async for d in engine.stream(image_chat("x", 1))]
 
-    with pytest.raises(EngineInputError, match="is not a multimodal model"):
-        asyncio.run(go())
+    for wrap in (False, True):  # re-raised as it is, or wrapped in EngineGenerateError (newer vLLM)
+        engine.engine.wrap_errors = wrap
+        with pytest.raises(EngineInputError, match=r"vLLM rejected the request: .* is not a multimodal model"):
+            asyncio.run(engine.generate(image_chat("x", 1)))
+        with pytest.raises(EngineInputError, match="is not a multimodal model"):
+            asyncio.run(streamed())
+    # Anything else stays a server error: our own count check switched off, vLLM's assertion reaches us.
+    engine.engine.multimodal, engine.placeholder = True, ImagePlaceholder(())
+    with pytest.raises(FakeEngineGenerateError) as err:
+        asyncio.run(engine.generate(image_chat("x", 1, n_parts=0)))
+    assert isinstance(err.value.__cause__, AssertionError)
 
 
 def test_image_limit_on_a_text_model_is_a_startup_error(zoo: Path) -> None:

@@ -244,16 +244,19 @@ def prompt_length(output: Any, ids: list[int]) -> int:
 async def _input_errors(gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """vLLM validates a request's inputs when it is added, i.e. before the first output, and raises
     ValueError (VLLMValidationError is one) for what the client got wrong, as its own OpenAI server
-    answers with 400; those become EngineInputError. Errors after the first output are not the input's."""
+    answers with 400; those become EngineInputError. Depending on the version, AsyncLLM.generate
+    re-raises such a ValueError as it is or wraps it (`raise EngineGenerateError() from e`), so the
+    cause is looked at too. Errors after the first output are not the input's."""
     started = False
     try:
         async for out in gen:
             started = True
             yield out
-    except ValueError as err:
-        if started or isinstance(err, EngineInputError):
+    except Exception as err:
+        cause = err if isinstance(err, ValueError) else err.__cause__
+        if started or not isinstance(cause, ValueError) or isinstance(cause, EngineInputError):
             raise
-        raise EngineInputError(f"vLLM rejected the request: {err}") from None
+        raise EngineInputError(f"vLLM rejected the request: {cause}") from None
     finally:
         close = getattr(gen, "aclose", None)
         if close is not None:  # closing vLLM's generator aborts a request still running (GeneratorExit)
