@@ -255,9 +255,11 @@ def _fixture_mirror(root: Path) -> str:
     repo.mkdir(parents=True)
     _git(repo, "init", "-q")
     health = ["Can gout be cured?", "What is a normal heart rate?", "Is it safe to fly when pregnant?"]
+    health += ["Is it safe to take ibuprofen when I am pregnant?"]
     (repo / "health.jsonl").write_text("".join(json.dumps({"q": q}) + "\n" for q in health))
     mixed = ["How do I sort a list in Python?", "What are the symptoms of flu?", "Best pizza in Naples?"]
     mixed += ["What is the best diet?", "Can gout be cured?", "Who wrote Hamlet?"]
+    mixed += ["is it safe to take ibuprofen when I am breastfeeding", "what color is metoprolol"]
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
         gz.write("".join(f"{i}\t{q}\n" for i, q in enumerate(mixed)).encode())
@@ -287,7 +289,11 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     assert trained["What are the symptoms of flu?"] == ["medical"]
     assert trained["Who wrote Hamlet?"] == ["general"]
     assert "What is the best diet?" not in trained  # weak health cue: ambiguous, dropped rather than guessed
+    assert trained["what color is metoprolol"] == ["medical"]  # a drug's name alone is a medical cue
+    # opens like a held-out prompt (same first 8 words): an edited copy, kept out of training
+    assert "is it safe to take ibuprofen when I am breastfeeding" not in trained
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["sources"][1]["dropped_near_heldout"] == 1
     assert [m["commit"] for m in manifest["sources"]] == [commit, commit]
     bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
     with pytest.raises(bc.CorpusError, match="lacks pinned commit"):
