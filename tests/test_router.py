@@ -145,6 +145,8 @@ CANARIES = {
         "Who won the World Cup in 2018?",
         "Explain why the sky is blue.",
         "Write a thank-you email to my coworker for covering my shift.",
+        "Brainstorm five themes for a company holiday party.",
+        "Explain the rules of cricket to a beginner.",
     ],
     "medical": [
         "Can type 2 diabetes be cured?",
@@ -155,6 +157,8 @@ CANARIES = {
         "What is the usual dose of amoxicillin for an adult with a sinus infection?",
         "What causes high blood pressure?",
         "Can you get shingles twice?",
+        "Is it safe to take melatonin every night?",
+        "what is metoprolol used for",
     ],
     "code": [
         "Write a Python function that reverses a linked list.",
@@ -165,12 +169,14 @@ CANARIES = {
         "Fix this error: TypeError: 'NoneType' object is not subscriptable",
         "find all .txt files modified in the last 7 days in bash",
         "What is the difference between a list and a tuple in Python?",
+        "How do I read a CSV file with pandas?",
+        "My React component re-renders in an infinite loop",
     ],
 }
 
 
 # Misses measured with the shipped artifact, kept visible (strict: the test fails once they route right).
-KNOWN_MISSES = {"How do I center a div with CSS?": "front-end questions are rare in the training pools"}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
@@ -208,9 +214,9 @@ def test_shipped_router_on_unseen_sources(shipped: TinyAda) -> None:
     report = evaluate(shipped, sample, timing=False)
     # Floors a little under the bench's full held-out numbers (docs/router-data.md): a broken
     # featuriser, artifact or threshold calibration falls far below them.
-    assert report.accuracy > 0.75, report.render()
-    assert report.macro_f1 > 0.72, report.render()
-    assert min(m["recall"] for m in report.per_domain.values()) > 0.5, report.render()
+    assert report.accuracy > 0.83, report.render()
+    assert report.macro_f1 > 0.83, report.render()
+    assert min(m["recall"] for m in report.per_domain.values()) > 0.72, report.render()
 
 
 def test_shipped_artifact_loads_to_identical_scores(shipped: TinyAda) -> None:
