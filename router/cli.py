@@ -19,6 +19,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
             kind=args.kind,
             c=args.c,
+            source_power=args.source_power,
             epochs=args.epochs,
             lr=args.lr,
             dim=args.dim,
@@ -87,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--out", required=True, help="artifact directory to write")
     tr.add_argument("--kind", choices=["linear", "fasttext"], default="linear", help="learner (router/train.py)")
     tr.add_argument("--c", type=float, default=16.0, help="linear: inverse regularisation strength")
+    tr.add_argument(
+        "--source-power",
+        type=float,
+        default=0.0,
+        help="linear: weigh each prompt by (its source's size) ** -POWER (0: every prompt alike)",
+    )
     tr.add_argument("--epochs", type=int, default=16)
     tr.add_argument("--lr", type=float, default=0.05)
     tr.add_argument("--dim", type=int, default=32)

@@ -48,6 +48,7 @@ class TrainConfig:
     class_weight: str | None = "balanced"  # linear: reweight so each domain's positives weigh as much as its rest
     linear_buckets: int = 1 << 18  # linear: hash space; 3 domains x 2^18 x fp16 = 1.5 MB artifact
     multi_label_weight: float = 5.0  # linear: weight of a multi-domain prompt (rare, and what top_k > 1 is for)
+    source_power: float = 0.0  # linear: prompt weight n_source ** -power (source_weights); 0 = all prompts alike
     # linear: static token embeddings next to the n-grams, from a causal LM checkpoint directory
     # (model.safetensors + tokenizer.json; its input embeddings, PCA-reduced) or from a router
     # artifact that already has them (its table and tokenizer are reused). "" = n-grams only.
@@ -101,6 +102,14 @@ def targets(examples: list[Example], domains: list[str]) -> torch.Tensor:
         for label in ex.labels:
             y[i, index[label]] = 1.0
     return y
+
+
+def source_weights(sources: list[str], power: float) -> np.ndarray:
+    """Per-row weight n_source ** -power, scaled to mean 1: power 0 weighs every prompt alike, power 1
+    every source alike; in between, a big pool (CLINC, MS MARCO) still counts more, but less than its size."""
+    _, inverse, counts = np.unique(np.asarray(sources), return_inverse=True, return_counts=True)
+    w = counts[inverse].astype(np.float64) ** -power
+    return w / w.mean()
 
 
 def calibrate_thresholds(probs: np.ndarray, y: np.ndarray, domains: list[str]) -> dict[str, float]:
@@ -214,6 +223,8 @@ def train_linear(
         static = (table, tokenizer)
     y = targets(train, domains).numpy()
     sample_weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
+    if cfg.source_power:
+        sample_weight = sample_weight * source_weights([ex.source for ex in train], cfg.source_power)
     weights, biases = [], []
     for j, domain in enumerate(domains):
         if y[:, j].min() == y[:, j].max():

@@ -145,6 +145,8 @@ CANARIES = {
         "Who won the World Cup in 2018?",
         "Explain why the sky is blue.",
         "Write a thank-you email to my coworker for covering my shift.",
+        "Brainstorm five themes for a company holiday party.",
+        "Explain the rules of cricket to a beginner.",
     ],
     "medical": [
         "Can type 2 diabetes be cured?",
@@ -155,6 +157,8 @@ CANARIES = {
         "What is the usual dose of amoxicillin for an adult with a sinus infection?",
         "What causes high blood pressure?",
         "Can you get shingles twice?",
+        "Is it safe to take melatonin every night?",
+        "what is metoprolol used for",
     ],
     "code": [
         "Write a Python function that reverses a linked list.",
@@ -165,12 +169,14 @@ CANARIES = {
         "Fix this error: TypeError: 'NoneType' object is not subscriptable",
         "find all .txt files modified in the last 7 days in bash",
         "What is the difference between a list and a tuple in Python?",
+        "How do I read a CSV file with pandas?",
+        "My React component re-renders in an infinite loop",
     ],
 }
 
 
 # Misses measured with the shipped artifact, kept visible (strict: the test fails once they route right).
-KNOWN_MISSES = {"How do I center a div with CSS?": "front-end questions are rare in the training pools"}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
@@ -208,9 +214,9 @@ def test_shipped_router_on_unseen_sources(shipped: TinyAda) -> None:
     report = evaluate(shipped, sample, timing=False)
     # Floors a little under the bench's full held-out numbers (docs/router-data.md): a broken
     # featuriser, artifact or threshold calibration falls far below them.
-    assert report.accuracy > 0.75, report.render()
-    assert report.macro_f1 > 0.72, report.render()
-    assert min(m["recall"] for m in report.per_domain.values()) > 0.5, report.render()
+    assert report.accuracy > 0.83, report.render()
+    assert report.macro_f1 > 0.83, report.render()
+    assert min(m["recall"] for m in report.per_domain.values()) > 0.72, report.render()
 
 
 def test_shipped_artifact_loads_to_identical_scores(shipped: TinyAda) -> None:
@@ -255,9 +261,11 @@ def _fixture_mirror(root: Path) -> str:
     repo.mkdir(parents=True)
     _git(repo, "init", "-q")
     health = ["Can gout be cured?", "What is a normal heart rate?", "Is it safe to fly when pregnant?"]
+    health += ["Is it safe to take ibuprofen when I am pregnant?"]
     (repo / "health.jsonl").write_text("".join(json.dumps({"q": q}) + "\n" for q in health))
     mixed = ["How do I sort a list in Python?", "What are the symptoms of flu?", "Best pizza in Naples?"]
     mixed += ["What is the best diet?", "Can gout be cured?", "Who wrote Hamlet?"]
+    mixed += ["is it safe to take ibuprofen when I am breastfeeding", "what color is metoprolol"]
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
         gz.write("".join(f"{i}\t{q}\n" for i, q in enumerate(mixed)).encode())
@@ -287,7 +295,11 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     assert trained["What are the symptoms of flu?"] == ["medical"]
     assert trained["Who wrote Hamlet?"] == ["general"]
     assert "What is the best diet?" not in trained  # weak health cue: ambiguous, dropped rather than guessed
+    assert trained["what color is metoprolol"] == ["medical"]  # a drug's name alone is a medical cue
+    # opens like a held-out prompt (same first 8 words): an edited copy, kept out of training
+    assert "is it safe to take ibuprofen when I am breastfeeding" not in trained
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["sources"][1]["dropped_near_heldout"] == 1
     assert [m["commit"] for m in manifest["sources"]] == [commit, commit]
     bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
     with pytest.raises(bc.CorpusError, match="lacks pinned commit"):

