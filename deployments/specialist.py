@@ -76,7 +76,16 @@ class SpecialistGroup:
             msgs = [dict(m) for m in messages]
             if spec.system_prompt and not any(m["role"] == "system" for m in msgs):
                 msgs.insert(0, {"role": "system", "content": spec.system_prompt})
-            return GenerationRequest(messages=tuple(msgs), params=params, adapter=spec.adapter)
+            images: tuple = ()
+            if payload.get("images"):
+                if not spec.accepts_images:
+                    raise EngineInputError(f"specialist {name!r} does not accept images (modalities {spec.modalities})")
+                from deployments.images import decode_payload_images  # Pillow only where images arrive
+
+                # The ingress sent validated encoded bytes (smaller through Ray than pixels); decode them here
+                # under the same limits.
+                images = decode_payload_images(payload["images"], payload.get("image_limits"))
+            return GenerationRequest(messages=tuple(msgs), params=params, adapter=spec.adapter, images=images)
         return GenerationRequest(prompt=payload.get("prompt"), params=params, adapter=spec.adapter)
 
     def prepare(self, payload: dict[str, Any]) -> GenerationRequest | dict[str, Any]:
