@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import logging
@@ -100,9 +101,13 @@ class SpecialistGroup:
         except (EngineInputError, ValueError) as err:
             return error_result("invalid_request", str(err))
 
+    async def _prepare(self, payload: dict[str, Any]) -> GenerationRequest | dict[str, Any]:
+        # Decoding images and running the image processor take milliseconds to a second: off the event loop.
+        return await asyncio.to_thread(self.prepare, payload) if payload.get("images") else self.prepare(payload)
+
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Straight into the engine: its scheduler batches concurrent requests at every decoding step."""
-        prepared = self.prepare(payload)
+        prepared = await self._prepare(payload)
         if isinstance(prepared, dict):
             return prepared
         try:
@@ -111,7 +116,7 @@ class SpecialistGroup:
             return error_result("invalid_request", str(err))
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        prepared = self.prepare(payload)
+        prepared = await self._prepare(payload)
         if isinstance(prepared, dict):
             yield prepared
             return
