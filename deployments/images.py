@@ -200,8 +200,8 @@ def _open(data: bytes, config: ImageConfig) -> Image.Image:
         raise ImageError(f"the data is not an image in an allowed format ({allowed})") from None
     except Image.DecompressionBombError as err:
         raise ImageError(f"image rejected as a decompression bomb: {err}", "image_too_large") from None
-    except (OSError, ValueError, SyntaxError) as err:  # a header Pillow cannot parse
-        raise ImageError(f"the image header is corrupt: {str(err)[:120]}") from None
+    except Exception as err:  # a header Pillow cannot parse (OSError, SyntaxError, struct.error, ...)
+        raise ImageError(f"the image header is corrupt: {str(err)[:120] or type(err).__name__}") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageError(f"image has no pixels ({w}x{h})")

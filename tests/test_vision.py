@@ -353,3 +353,30 @@ def test_a_failing_prefill_fails_its_rows_only(vlm) -> None:
 
     assert asyncio.run(go()) == expected
     vlm.check_health()  # the decoding thread survived
+
+
+def test_mutated_images_give_an_image_or_an_image_error_never_anything_else() -> None:
+    """Seeded byte flips and cuts of real PNG, JPEG and WebP files: validation either accepts or refuses
+    with ImageError (a 400), never another exception (a 500)."""
+    import random
+
+    rng = random.Random(0)
+    config = ImageConfig(max_pixels=1_000_000)
+    seeds = [solid(RED, (23, 17), f) for f in ("PNG", "JPEG", "WEBP")]
+    seen = {"ok": 0, "refused": 0}
+    for i in range(450):
+        data = bytearray(seeds[i % 3])
+        for _ in range(rng.randint(1, 4)):
+            if len(data) < 2:
+                break
+            at = rng.randrange(1, len(data))
+            if rng.random() < 0.2:
+                del data[at:]
+            else:
+                data[at] = rng.randrange(256)
+        try:
+            inspect_image(bytes(data), config)
+            seen["ok"] += 1
+        except ImageError:
+            seen["refused"] += 1
+    assert seen["ok"] > 0 and seen["refused"] > 0, seen
