@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 # Hard ceilings that no config may exceed: a config may lower them, never raise them.
 MAX_NEW_TOKENS_CEILING = 32_768
 MAX_PROMPT_TOKENS_CEILING = 1_048_576
+MAX_IMAGE_PIXELS_CEILING = 100_000_000  # width x height; Pillow's own bomb guard is set to this (deployments/images.py)
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 RESERVED_MODEL_NAMES = frozenset({"auto"})
 
@@ -124,6 +125,7 @@ class DeploymentOptions(_Strict):
 
 
 Backend = Literal["auto", "hf", "vllm"]
+Modality = Literal["text", "image"]
 Quantization = Literal["none", "nf4", "int8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -146,6 +148,26 @@ class EngineConfig(_Strict):
     max_num_seqs: int = Field(
         64, ge=1, le=1024, description="Most requests decoded together in one step (the engine's running batch)."
     )
+    # Part of the base model, not of one specialist: a group shares one loaded model, so its members
+    # must agree (the group check compares every engine field), and the engine loads an
+    # image-text-to-text model (AutoModelForImageTextToText + AutoProcessor) when "image" is here.
+    modalities: list[Modality] = Field(
+        default_factory=lambda: ["text"],
+        description="Inputs the model accepts: [text] or [text, image]; requests with images go to [text, image].",
+    )
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: list[str]) -> list[str]:
+        if "text" not in v:
+            raise ValueError(f"modalities must include 'text' (every specialist answers in text), got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"modalities has duplicates: {v}")
+        return v
+
+    @property
+    def accepts_images(self) -> bool:
+        return "image" in self.modalities
 
     @field_validator("adapters")
     @classmethod
@@ -201,6 +223,14 @@ class RouterConfig(_Strict):
     thresholds: dict[str, float] = Field(default_factory=dict, description="Per-domain threshold overrides (0..1).")
     domain_to_specialist: dict[str, str] = Field(
         default_factory=dict, description="Router domain -> specialist name; identity when absent."
+    )
+    image_domain_threshold: float | None = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="Requests with images: a text-only specialist whose domain scores at least this on the text "
+        "also answers (from the text alone) and the merger combines it with the image-capable answer; "
+        "None: image requests get the image-capable specialists only. See docs/vision.md.",
     )
 
     @field_validator("thresholds")
@@ -263,6 +293,64 @@ class MergerConfig(_Strict):
         return v
 
 
+ImageFormat = Literal["PNG", "JPEG", "WEBP"]
+HOST_PATTERN = r"^(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?$|^\[[0-9a-f:.]+\](:[0-9]{1,5})?$"
+
+
+class RemoteImageConfig(_Strict):
+    """Fetching `http(s)` image URLs at the ingress: off unless enabled, and then only from listed hosts."""
+
+    enabled: bool = Field(False, description="Fetch http(s) image URLs at all; off: only data: URLs are accepted.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts images may come from: 'host' (any port), 'host:port', or '*.example.com' "
+        "(subdomains only). Matched on the URL's host, lower case; no bare '*'.",
+    )
+    schemes: list[Literal["http", "https"]] = Field(
+        default_factory=lambda: ["https"], min_length=1, description="URL schemes fetched (https by default)."
+    )
+    timeout_s: float = Field(5.0, gt=0, le=60, description="The whole fetch (connect, headers, body) must end by this.")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        out = []
+        for h in v:
+            host = h.strip().lower()
+            if not re.match(HOST_PATTERN, host):
+                raise ValueError(f"allowed host {h!r} must be a host name, 'host:port' or '*.domain' (no bare '*')")
+            out.append(host)
+        return out
+
+    @model_validator(mode="after")
+    def _hosts_when_enabled(self) -> RemoteImageConfig:
+        if self.enabled and not self.allowed_hosts:
+            raise ValueError("enabled is true but allowed_hosts is empty: name the hosts images may come from")
+        return self
+
+
+class ImageConfig(_Strict):
+    """Bounds on the images a request may carry; nothing is decoded past them."""
+
+    max_images: int = Field(4, ge=1, le=64, description="Most images in one request (all messages).")
+    max_image_bytes: int = Field(
+        5 * 1_048_576, ge=1024, le=64 * 1_048_576, description="Largest encoded image (decoded base64 or fetched)."
+    )
+    max_pixels: int = Field(
+        16_777_216,
+        ge=1,
+        le=MAX_IMAGE_PIXELS_CEILING,
+        description="Largest width x height, checked from the header before any pixel is decoded "
+        "(decompression bombs); Pillow's own guard sits at the ceiling behind it.",
+    )
+    formats: list[ImageFormat] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP"],
+        min_length=1,
+        description="Formats decoded; Pillow opens nothing else (no other decoder runs on client bytes).",
+    )
+    remote: RemoteImageConfig = Field(default_factory=RemoteImageConfig)
+
+
 class ServerConfig(_Strict):
     """HTTP limits and auth of the router ingress."""
 
@@ -279,6 +367,7 @@ class ServerConfig(_Strict):
     max_prompt_chars: int = Field(200_000, ge=1, description="Largest prompt (all messages) in characters.")
     max_messages: int = Field(256, ge=1, le=10_000)
     request_timeout_s: float = Field(300.0, gt=0, le=3600, description="Deadline of a whole request, streams too.")
+    images: ImageConfig = Field(default_factory=ImageConfig, description="Image inputs: limits and remote URLs.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="before")

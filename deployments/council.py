@@ -155,12 +155,47 @@ def _record_specialist_usage(routing: Routing, answers: dict[str, dict]) -> None
         )
 
 
+def content_text(content: str | list[dict[str, Any]]) -> str:
+    """A message's text: the string, or its text parts joined (image placeholders carry no text)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
 def routing_text(payload: dict[str, Any]) -> str:
     """What the router reads: the last user message of a chat, or the completion prompt."""
     if payload.get("messages"):
-        users = [m["content"] for m in payload["messages"] if m["role"] == "user"]
-        return users[-1] if users else payload["messages"][-1]["content"]
+        users = [content_text(m["content"]) for m in payload["messages"] if m["role"] == "user"]
+        return users[-1] if users else content_text(payload["messages"][-1]["content"])
     return payload.get("prompt") or ""
+
+
+# What a text-only specialist reads where the user's image was: it should know there was one it cannot see,
+# and answer from its domain knowledge rather than describe a picture it never saw.
+IMAGE_OMITTED = "[an image is attached here, which you cannot see]"
+
+
+def without_images(payload: dict[str, Any]) -> dict[str, Any]:
+    """The request as a text-only specialist gets it: image bytes dropped, each image part a short note."""
+    if not payload.get("images"):
+        return payload
+
+    def text(content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, str):
+            return content
+        return " ".join(p["text"] if p.get("type") == "text" else IMAGE_OMITTED for p in content).strip()
+
+    out = {k: v for k, v in payload.items() if k not in ("images", "image_limits")}
+    out["messages"] = [{**m, "content": text(m["content"])} for m in payload["messages"]]
+    return out
+
+
+@dataclass
+class CouncilDecision(RoutingDecision):
+    """A routing decision that may also have been made by modality (the request carried images)."""
+
+    modality: str = "text"
+    reason: str | None = None
 
 
 class Council:
@@ -182,43 +217,111 @@ class Council:
         self.router, self.policy = router, policy
         self.names = [s.name for s in config.specialists]
 
-    def decide(self, model: str, text: str) -> RoutingDecision:
+    def decide(self, model: str, text: str, images: int = 0) -> RoutingDecision:
+        """The specialists for a request: pinned, by modality when it carries images, else by the text router."""
         if model != "auto":
-            if model not in self.names:
-                raise CouncilError(
-                    404, f"model {model!r} does not exist; use 'auto' or one of {self.names}", code="model_not_found"
+            self._known(model)
+            if images:
+                self.check_images(model, images)
+                return CouncilDecision(
+                    [model], pinned=True, modality="image", reason=f"{images} image(s); pinned to {model!r}"
                 )
             return self.policy.pin(model)
-        if not text.strip():
+        if not text.strip() and not images:
             raise CouncilError(400, "the prompt is empty: nothing to route")
         t0 = time.perf_counter()
-        decision = self.policy.decide(self.router.score(text))
+        decision = self.policy.decide(self.router.score(text)) if text.strip() else RoutingDecision([], fell_back=True)
         metrics.routing_latency((time.perf_counter() - t0) * 1000)
-        return decision
+        return self._by_modality(decision, images) if images else decision
+
+    def _known(self, model: str) -> None:
+        if model != "auto" and model not in self.names:
+            raise CouncilError(
+                404, f"model {model!r} does not exist; use 'auto' or one of {self.names}", code="model_not_found"
+            )
+
+    def image_specialists(self) -> list[str]:
+        return [s.name for s in self.config.specialists if s.accepts_images]
+
+    def check_images(self, model: str, images: int) -> None:
+        """Refuse (400) a request with images that no specialist here can see, before any image is decoded."""
+        self._known(model)
+        capable = self.image_specialists()
+        if model != "auto" and model not in capable:
+            spec = self.config.specialist(model)
+            hint = f"use model 'auto' or one of {capable}" if capable else "no specialist here accepts images"
+            raise CouncilError(
+                400,
+                f"model {model!r} does not accept images (modalities {spec.modalities}); {hint}",
+                code="images_not_supported",
+            )
+        if not capable:
+            raise CouncilError(
+                400,
+                f"this request has {images} image(s), but no vision specialist is configured: no specialist of "
+                f"this service declares modalities [text, image] (specialists: {self.names}). Send text only, "
+                "or serve a vision-language model (see docs/vision.md).",
+                code="images_not_supported",
+            )
+
+    def _by_modality(self, text_decision: RoutingDecision, images: int) -> CouncilDecision:
+        """Images go to the image-capable specialists whatever the text says. A text-only domain specialist
+        joins (answering from the text alone; the merger combines the answers) only when its domain scores
+        at least router.image_domain_threshold on the text: a confident domain question ("could this X-ray
+        show pneumonia?") gains from domain knowledge without the image. Never the fallback specialist:
+        a general model that cannot see the image has nothing to add to "what is in this picture?"."""
+        self.check_images("auto", images)
+        scores = text_decision.scores
+        # Several image-capable specialists: the one the text router likes best first, then config order.
+        capable = sorted(self.image_specialists(), key=lambda n: -(self._score_of(scores, n) or 0.0))
+        chosen = capable[: self.policy.top_k]
+        threshold = self.config.router.image_domain_threshold
+        joined = []
+        if threshold is not None and not text_decision.fell_back:
+            for name in text_decision.specialists:  # highest score first, each already over its own threshold
+                score = self._score_of(scores, name) or 0.0
+                joins = name not in chosen and name != self.config.router.fallback and score >= threshold
+                if joins and len(chosen) < self.policy.top_k:
+                    chosen.append(name)
+                    joined.append(f"{name!r} (text score {score:.2f} >= image_domain_threshold {threshold:g})")
+        reason = f"{images} image(s): sent to the image-capable specialist(s) {capable[: self.policy.top_k]}"
+        if joined:
+            reason += "; also answering from the text alone: " + ", ".join(joined) + "; the merger combines them"
+        return CouncilDecision(chosen, scores=scores, modality="image", reason=reason)
+
+    def _score_of(self, scores: dict[str, float], name: str) -> float | None:
+        mine = [s for d, s in scores.items() if self.policy.specialist_for(d) == name]
+        return max(mine) if mine else None
 
     def _decide_and_count(self, payload: dict[str, Any]) -> RoutingDecision:
         """decide() for a request that will be served: counted in the routing metrics and logged."""
-        decision = self.decide(payload.get("model", "auto"), routing_text(payload))
+        images = len(payload.get("images") or ())
+        decision = self.decide(payload.get("model", "auto"), routing_text(payload), images=images)
         if payload.get("response_format") and len(decision.specialists) > 1:
             # A merged answer is free text: output constrained to a format comes from the best specialist alone.
             decision = dataclasses.replace(decision, specialists=decision.specialists[:1])
         metrics.decision(decision.specialists, decision.scores, decision.fell_back, decision.pinned)
         logger.info(
-            "route model=%s -> %s%s",
+            "route model=%s -> %s%s%s",
             payload.get("model", "auto"),
             decision.specialists,
             " (pinned)" if decision.pinned else " (fallback)" if decision.fell_back else "",
+            f" images={images}" if images else "",
         )
         return decision
 
     def _score(self, routing: Routing, name: str) -> float | None:
         """A specialist's routing score: scores are keyed by router domain, which
         router.domain_to_specialist may map onto a specialist of another name (best domain wins)."""
-        mine = [s for d, s in routing.scores.items() if self.policy.specialist_for(d) == name]
-        return max(mine) if mine else None
+        return self._score_of(routing.scores, name)
 
     def _best(self, routing: Routing, answers: dict[str, dict]) -> str:
-        return max(answers, key=lambda n: self._score(routing, n) or 0.0)
+        # With images, an answer from a specialist that saw them beats one written from the text alone.
+        def rank(n: str) -> tuple[bool, float]:
+            saw = routing.modality == "image" and self.config.specialist(n).accepts_images
+            return saw, self._score(routing, n) or 0.0
+
+        return max(answers, key=rank)
 
     @staticmethod
     def _routing(decision: RoutingDecision) -> Routing:
@@ -227,7 +330,15 @@ class Council:
             specialists=list(decision.specialists),
             fell_back=decision.fell_back,
             pinned=decision.pinned,
+            modality=getattr(decision, "modality", "text"),
+            reason=getattr(decision, "reason", None),
         )
+
+    def _payload_for(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """What one specialist receives: its name, and the images only if it can see them."""
+        if payload.get("images") and not self.config.specialist(name).accepts_images:
+            payload = without_images(payload)
+        return {**payload, "specialist": name}
 
     async def _collect_stream(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A whole answer read from the specialist's stream, under its first-token and stall timeouts."""
@@ -248,7 +359,7 @@ class Council:
     ) -> dict[str, Any]:
         timeout = self.config.specialist(name).timeout_s
         t0 = time.perf_counter()
-        sent = {**payload, "specialist": name}
+        sent = self._payload_for(name, payload)
         try:
             # When the client streams, read the specialists' streams too: a stalled one is caught by its
             # stall timeout (seconds) instead of waiting out the whole timeout_s.
@@ -370,7 +481,7 @@ class Council:
         routing = self._routing(decision)
         sent = False
         retry_after: float | None = None
-        source = self.specialists.stream(name, {**payload, "specialist": name})
+        source = self.specialists.stream(name, self._payload_for(name, payload))
         t0 = time.perf_counter()
         try:
             async for item in timed_stream(source, spec.ttft_timeout_s, spec.stall_timeout_s):

@@ -7,7 +7,7 @@ import math
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -103,16 +103,52 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    # data:image/...;base64 (always), or http(s) where server.images.remote allows it; the body limit bounds it.
+    url: str = Field(..., min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides the resolution
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart]
+    content: str | list[ContentPart]
     name: str | None = Field(None, max_length=256)
 
+    @model_validator(mode="after")
+    def _images_from_users(self) -> ChatMessage:
+        if self.role != "user" and self.image_urls():
+            raise ValueError(f"image_url parts are accepted in user messages only, not in a {self.role!r} message")
+        return self
+
     def text(self) -> str:
-        """Plain text of the message (text parts of a multi-part content joined)."""
+        """Plain text of the message (text parts of a multi-part content joined; images left out)."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def image_urls(self) -> list[str]:
+        """The URLs of this message's image parts, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
+    def engine_content(self) -> str | list[dict[str, str]]:
+        """Content for the engines: plain text, or (with images) Hugging Face chat-template parts in order,
+        each image a {"type": "image"} placeholder whose pixels travel separately."""
+        if not self.image_urls():
+            return self.text()
+        assert isinstance(self.content, list)
+        return [
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.content
+        ]
 
 
 class StreamOptions(_Strict):
@@ -254,6 +290,10 @@ class ChatCompletionRequest(_SamplingFields):
         """How many alternatives per token the engine reports (None: no logprobs)."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def image_urls(self) -> list[str]:
+        """Every image URL of the conversation, in message order."""
+        return [u for m in self.messages for u in m.image_urls()]
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str = Field(..., min_length=1)
@@ -294,6 +334,8 @@ class Routing(BaseModel):
     specialist_usage: dict[str, Usage] = Field(default_factory=dict)
     retried: dict[str, int] = Field(default_factory=dict)  # name -> times its request went again (replica died)
     answers: dict[str, str] | None = None  # merged responses only: each specialist's own answer, by name
+    modality: Literal["text", "image"] = "text"  # "image": the request carried images (routed by modality)
+    reason: str | None = None  # why these specialists, when it was not the text router alone (images)
 
 
 def new_id(prefix: str) -> str:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments import metrics
 from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, Overloaded, StreamEvent
+from deployments.images import ImageError, limits_payload, load_images
 from deployments.logging_setup import configure_logging
 from deployments.middleware import RequestContextMiddleware
 from deployments.protocol import (
@@ -131,9 +132,24 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _clean_loc(loc: tuple[Any, ...]) -> list[str]:
+    """A pydantic error location as a client's path: no union branch names, no repeated part-type tags
+    (messages.0.content.list[...].1.image_url.image_url.url -> messages.0.content.1.image_url.url)."""
+    parts = [p for p in loc if p != "body" and not (isinstance(p, str) and "[" in p)]
+    out = []
+    for i, p in enumerate(parts):
+        tag = i and isinstance(parts[i - 1], int) and i + 1 < len(parts) and parts[i + 1] == p
+        if not tag:
+            out.append(str(p))
+    return out
+
+
 def _validation_message(err: ValidationError | RequestValidationError) -> tuple[str, str | None]:
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    errors = err.errors()
+    # Content may be a string or a list of parts: the error deepest in the body names what is wrong
+    # (an image part's bad field), not "content: should be a valid string".
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if len(errors) > 1 else errors[0]
+    loc = _clean_loc(tuple(first.get("loc", ())))
     # param names the top-level field (what a client set); the message carries the full path.
     path = ".".join(loc)
     return (f"{path}: {first['msg']}" if path else first["msg"]), (loc[0] if loc else None)
@@ -294,17 +310,19 @@ class RouterIngress:
             payload["response_format"] = json.dumps(req.response_format.model_dump(mode="json", by_alias=True))
         if isinstance(req, ChatCompletionRequest):
             try:
-                messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+                # Text stays a string; a message with images becomes HF chat-template parts ({"type": "image"}
+                # placeholders), whose pixels travel in payload["images"] once validated (_with_images).
+                messages = [{"role": m.role, "content": m.engine_content()} for m in req.messages]
             except ValueError as err:
                 return error_response(400, str(err), param="messages")
             if len(messages) > self.config.server.max_messages:
                 return error_response(
                     400, f"{len(messages)} messages; the limit is {self.config.server.max_messages}", param="messages"
                 )
-            if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+            if not any(m.text().strip() or m.image_urls() for m in req.messages if m.role == "user"):
                 return error_response(400, "messages need at least one non-empty user message", param="messages")
             payload["messages"] = messages
-            size = sum(len(m["content"]) for m in messages)
+            size = sum(len(m.text()) for m in req.messages)
         else:
             if not req.prompt.strip():
                 return error_response(400, "prompt is empty", param="prompt")
@@ -318,13 +336,38 @@ class RouterIngress:
             )
         return payload
 
+    async def _with_images(self, payload: dict[str, Any], urls: list[str]) -> dict[str, Any] | JSONResponse:
+        """Refuse what cannot be served before any image is touched (count, modality), then fetch and
+        validate every image; the payload carries the validated encoded bytes to the specialist."""
+        limits = self.config.server.images
+        if len(urls) > limits.max_images:
+            return error_response(
+                400,
+                f"{len(urls)} images in one request; the limit is {limits.max_images}",
+                "invalid_request_error",
+                "too_many_images",
+                "messages",
+            )
+        try:
+            self.council.check_images(payload["model"], len(urls))
+        except CouncilError as err:
+            return self._council_error(err, param="model" if payload["model"] != "auto" else "messages")
+        try:
+            loaded = await load_images(urls, limits)
+        except ImageError as err:
+            return error_response(400, err.message, code=err.code, param="messages")
+        # Counts and sizes only: image bytes never reach a log line or a metric.
+        logger.info("images: %s", ", ".join(f"{i.format} {i.width}x{i.height} {i.nbytes}B" for _, i in loaded))
+        return {**payload, "images": [b for b, _ in loaded], "image_limits": limits_payload(limits)}
+
     @staticmethod
-    def _council_error(err: CouncilError) -> JSONResponse:
+    def _council_error(err: CouncilError, param: str | None = None) -> JSONResponse:
         return error_response(
             err.status,
             err.message,
             err.type,
             err.code,
+            param=param,
             routing=err.routing.model_dump() if err.routing else None,
             retry_after_s=err.retry_after_s,
         )
@@ -336,6 +379,10 @@ class RouterIngress:
         payload = self._payload(req)
         if isinstance(payload, JSONResponse):
             return payload
+        if chat and req.image_urls():
+            payload = await self._with_images(payload, req.image_urls())
+            if isinstance(payload, JSONResponse):
+                return payload
         payload["request_id"] = rid = request.state.request_id  # every specialist and the merger get it
         deadline = time.monotonic() + self.config.server.request_timeout_s
         try:
@@ -527,13 +574,15 @@ class RouterIngress:
         req = await self._body(request, RouteRequest)
         if isinstance(req, JSONResponse):
             return req
+        images = 0
         if req.messages:
             users = [m.text() for m in req.messages if m.role == "user"]
             text = users[-1] if users else ""
+            images = sum(len(m.image_urls()) for m in req.messages)  # counted only: routing needs no pixels
         else:
             text = req.prompt or ""
         try:
-            decision = self.council.decide(req.model, text)
+            decision = self.council.decide(req.model, text, images=images)
         except CouncilError as err:
             return self._council_error(err)
         except RouterInputError as err:

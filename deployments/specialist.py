@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import logging
@@ -76,7 +77,16 @@ class SpecialistGroup:
             msgs = [dict(m) for m in messages]
             if spec.system_prompt and not any(m["role"] == "system" for m in msgs):
                 msgs.insert(0, {"role": "system", "content": spec.system_prompt})
-            return GenerationRequest(messages=tuple(msgs), params=params, adapter=spec.adapter)
+            images: tuple = ()
+            if payload.get("images"):
+                if not spec.accepts_images:
+                    raise EngineInputError(f"specialist {name!r} does not accept images (modalities {spec.modalities})")
+                from deployments.images import decode_payload_images  # Pillow only where images arrive
+
+                # The ingress sent validated encoded bytes (smaller through Ray than pixels); decode them here
+                # under the same limits.
+                images = decode_payload_images(payload["images"], payload.get("image_limits"))
+            return GenerationRequest(messages=tuple(msgs), params=params, adapter=spec.adapter, images=images)
         return GenerationRequest(prompt=payload.get("prompt"), params=params, adapter=spec.adapter)
 
     def prepare(self, payload: dict[str, Any]) -> GenerationRequest | dict[str, Any]:
@@ -91,9 +101,13 @@ class SpecialistGroup:
         except (EngineInputError, ValueError) as err:
             return error_result("invalid_request", str(err))
 
+    async def _prepare(self, payload: dict[str, Any]) -> GenerationRequest | dict[str, Any]:
+        # Decoding images and running the image processor take milliseconds to a second: off the event loop.
+        return await asyncio.to_thread(self.prepare, payload) if payload.get("images") else self.prepare(payload)
+
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Straight into the engine: its scheduler batches concurrent requests at every decoding step."""
-        prepared = self.prepare(payload)
+        prepared = await self._prepare(payload)
         if isinstance(prepared, dict):
             return prepared
         try:
@@ -102,7 +116,7 @@ class SpecialistGroup:
             return error_result("invalid_request", str(err))
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        prepared = self.prepare(payload)
+        prepared = await self._prepare(payload)
         if isinstance(prepared, dict):
             yield prepared
             return

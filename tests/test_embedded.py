@@ -188,3 +188,21 @@ def test_served_embedded_graph_chat_stream_and_merge(served: str) -> None:
     assert sorted(routing["used"]) == ["code", "medical"], routing
     assert routing["merged"] and routing["synthesis"] == "aggregate", routing
     assert readable(merged.choices[0].message.content), merged.choices[0].message.content
+
+
+@pytest.mark.serve
+def test_embedded_graph_refuses_images_naming_the_missing_vision_specialist(served: str) -> None:
+    """No vision-language model can be had offline here: an image gets a 400 that says so, never an answer
+    from a model that cannot see it; text keeps working."""
+    import openai
+
+    from tests.imagedata import ask, data_url, solid
+
+    client = openai.OpenAI(base_url=served, api_key="unused", timeout=300, max_retries=0)
+    with pytest.raises(
+        openai.BadRequestError, match=r"no vision specialist is configured.*modalities \[text, image\]"
+    ) as e:
+        client.chat.completions.create(model="auto", messages=ask("What is this?", data_url(solid((1, 2, 3)))))
+    assert e.value.code == "images_not_supported"
+    with pytest.raises(openai.BadRequestError, match="'medical' does not accept images"):
+        client.chat.completions.create(model="medical", messages=ask(ASTHMA, data_url(solid((1, 2, 3)))))

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.imagedata import bad_crc, bilevel, data_url, huge_header_png, image_part, solid, truncated
 from tests.serving import local_serve
 
 pytestmark = pytest.mark.serve
@@ -22,6 +23,9 @@ BODY_LIMIT = 65_536
 PROMPT_CHARS = 4_000
 MAX_MESSAGES = 16
 TOKEN_LIMIT = 8
+MAX_IMAGES = 2
+IMAGE_BYTES = 24_576
+IMAGE_PIXELS = 1_000_000
 
 
 def corpus_args(zoo: Path, key_file: Path) -> dict[str, Any]:
@@ -38,8 +42,9 @@ def corpus_args(zoo: Path, key_file: Path) -> dict[str, Any]:
             "deployment": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.005},
         }
 
+    vision = {**spec("vision"), "modalities": ["text", "image"]}
     return {
-        "specialists": [spec("medical"), spec("code"), spec("general")],
+        "specialists": [spec("medical"), spec("code"), spec("general"), vision],
         "router": {"top_k": 2, "fallback": "general"},
         "merger": {"model": str(zoo / "t5"), "max_new_tokens": 2, "deployment": {"num_cpus": 0.1}},
         "server": {
@@ -47,6 +52,7 @@ def corpus_args(zoo: Path, key_file: Path) -> dict[str, Any]:
             "max_body_bytes": BODY_LIMIT,
             "max_prompt_chars": PROMPT_CHARS,
             "max_messages": MAX_MESSAGES,
+            "images": {"max_images": MAX_IMAGES, "max_image_bytes": IMAGE_BYTES, "max_pixels": IMAGE_PIXELS},
             "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 256},
         },
     }
@@ -84,6 +90,7 @@ class Case:
     headers: dict[str, str] = field(default_factory=lambda: {**AUTH, **JSON})
     expect: int | str = "4xx"  # a status, "4xx", or "any" (a valid 200 or a well-formed 4xx)
     param: str | None = None  # the error must name this parameter
+    words: str | None = None  # the error message must contain this
 
 
 TWO_DOMAIN = "Write a Python script that parses patient records and flags patients with diabetes."
@@ -307,6 +314,54 @@ def build_corpus() -> list[Case]:
     ):
         add(Case(f"messages-ok-{i}", body=chat(messages=m), expect=200))
 
+    # images (the vision specialist answers; every bad image is a 400 naming what is wrong)
+    png = solid((200, 30, 30))
+    for case_id, parts, expect, words in [
+        ("image-ok-png", [image_part(data_url(png))], 200, None),
+        ("image-ok-jpeg", [image_part(data_url(solid((9, 9, 9), fmt="JPEG"), "image/jpeg"), "low")], 200, None),
+        ("image-ok-webp", [image_part(data_url(solid((9, 9, 9), fmt="WEBP"), "image/webp"), "high")], 200, None),
+        ("image-ok-two", [image_part(data_url(png))] * MAX_IMAGES, 200, None),
+        ("image-not-an-image", [image_part(data_url(b"definitely not pixels"))], 400, "not an image"),
+        ("image-truncated-png", [image_part(data_url(truncated(solid((1, 2, 3), (300, 300)))))], 400, "truncated"),
+        (
+            "image-truncated-jpeg",
+            [image_part(data_url(truncated(solid((1, 2, 3), (300, 300), "JPEG")), "image/jpeg"))],
+            400,
+            "truncated",
+        ),
+        ("image-bad-crc", [image_part(data_url(bad_crc(png)))], 400, "corrupt"),
+        ("image-too-many-pixels", [image_part(data_url(bilevel(1100, 1000)))], 400, "1100000 pixels; the limit"),
+        ("image-bomb", [image_part(data_url(bilevel(12_000, 12_000)))], 400, "144000000 pixels"),
+        ("image-huge-header", [image_part(data_url(huge_header_png()))], 400, "decompression bomb"),
+        ("image-too-many", [image_part(data_url(png))] * (MAX_IMAGES + 1), 400, "3 images in one request"),
+        ("image-gif", [image_part(data_url(solid((1, 2, 3), fmt="GIF"), "image/gif"))], 400, "GIF is not supported"),
+        ("image-bmp", [image_part(data_url(solid((1, 2, 3), fmt="BMP")))], 400, "BMP is not supported"),
+        ("image-bad-base64", [image_part("data:image/png;base64,!!not*base64!!")], 400, "not valid base64"),
+        ("image-not-base64", [image_part("data:image/png,rawbytes")], 400, "must be base64"),
+        ("image-text-mime", [image_part("data:text/html;base64,PGI+aGk8L2I+")], 400, "not an image type"),
+        ("image-too-many-bytes", [image_part(data_url(png + b"\0" * IMAGE_BYTES))], 400, "over 24576 bytes"),
+        ("image-http-disabled", [image_part("http://127.0.0.1:1/x.png")], 400, "disabled"),
+        ("image-file-url", [image_part("file:///etc/passwd")], 400, "'file' is not supported"),
+        ("image-empty-url", [{"type": "image_url", "image_url": {"url": ""}}], 400, "url"),
+        ("image-no-url", [{"type": "image_url", "image_url": {}}], 400, "url: Field required"),
+        ("image-bad-detail", [image_part(data_url(png), "ultra")], 400, "detail"),
+        ("image-extra-key", [{"type": "image_url", "image_url": {"url": data_url(png), "x": 1}}], 400, "x:"),
+        ("image-url-not-object", [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}], 400, "image_url"),
+        ("image-unknown-part", [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], 400, "tag"),
+    ]:
+        body = chat(model="vision", messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}])
+        add(Case(case_id, body=body, expect=expect, param="messages" if expect == 400 else None, words=words))
+    image_msg = [{"role": "user", "content": [image_part(data_url(png)), {"type": "text", "text": "what?"}]}]
+    add(Case("image-auto", body=chat(model="auto", messages=image_msg), expect=200))
+    only = [{"role": "user", "content": [image_part(data_url(png))]}]  # an image and no text at all
+    add(Case("image-only", body=chat(model="auto", messages=only), expect=200))
+    add(Case("image-stream", body=chat(model="auto", messages=image_msg, stream=True), expect=200))
+    add(Case("image-pinned-text-only", body=chat(model="code", messages=image_msg), expect=400, words="code"))
+    add(Case("image-unknown-model", body=chat(model="radiology", messages=image_msg), expect=404))
+    add(Case("image-in-system", body=chat(messages=[{**image_msg[0], "role": "system"}]), expect=400, words="user"))
+    add(Case("image-route", path="/v1/route", body={"messages": image_msg}, expect=200))
+    add(Case("image-completions", path="/v1/completions", body=comp(prompt=image_msg), expect=400, param="prompt"))
+
     # Unicode
     for i, s in enumerate(
         [
@@ -519,6 +574,8 @@ def check_error(r: httpx.Response, case: Case) -> None:
     assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
     if case.param is not None:
         assert err["param"] == case.param, err
+    if case.words is not None:
+        assert case.words in err["message"], err
 
 
 def check_ok(r: httpx.Response, case: Case) -> None:
@@ -544,6 +601,9 @@ def check_ok(r: httpx.Response, case: Case) -> None:
         assert "swagger" in r.text.lower()
     elif case.path == "/v1/route":
         assert r.json()["routing"]["specialists"]
+    if isinstance(case.body, dict) and "image" in json.dumps(case.body.get("messages", ""))[:4000]:
+        last = r.text.rsplit("data: {", 1)[-1] if r.text.startswith("data:") else r.text
+        assert '"modality": "image"' in last or '"modality":"image"' in last, r.text[-500:]
 
 
 def check_sse(text: str, chat: bool) -> None:
@@ -596,3 +656,8 @@ def test_service_still_answers_after_the_corpus(http: httpx.Client) -> None:
             messages=[{"role": "user", "content": "hi"}],
             tools=[{"type": "function", "function": {"name": "f"}}],
         )
+    # ...and the vision specialist still sees images after every hostile one above.
+    png = data_url(solid((10, 120, 10)))
+    msg = [{"role": "user", "content": [image_part(png), {"type": "text", "text": "what is it?"}]}]
+    r = client.chat.completions.create(model="auto", messages=msg, max_tokens=2)
+    assert r.model_extra["routing"]["used"] == ["vision"] and r.choices[0].finish_reason in ("stop", "length")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -12,6 +15,7 @@ import openai
 import pytest
 import yaml
 
+from tests.imagedata import ask, data_url, solid
 from tests.serving import local_serve
 
 pytestmark = pytest.mark.serve
@@ -20,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TWO_DOMAIN = "Write a Python script that parses patient records and flags patients with diabetes."
 MEDICAL = "What are the early symptoms of hypertension?"
 API_KEY = "test-key-123456"
+IMAGE_LIMIT = 65_536
 
 
 def tiny_args(zoo: Path, adapter: Path | None = None) -> dict:
@@ -41,6 +46,11 @@ def tiny_args(zoo: Path, adapter: Path | None = None) -> dict:
     args["merger"]["model"] = str(zoo / "t5")
     args["merger"]["deployment"]["num_cpus"] = 0.1
     args["server"]["deployment"]["num_cpus"] = 0.1
+    # Remote image URLs from the test's own HTTP server on loopback only (test_image_urls_...).
+    args["server"]["images"] = {
+        "max_image_bytes": IMAGE_LIMIT,
+        "remote": {"enabled": True, "allowed_hosts": ["127.0.0.1"], "schemes": ["http"], "timeout_s": 1.0},
+    }
     return args
 
 
@@ -66,7 +76,7 @@ def served(zoo: Path, trained_adapter: tuple[Path, dict]) -> Iterator[str]:
     from deployments.app import build_graph
     from deployments.config import parse_graph_config
 
-    with local_serve(num_cpus=4, num_gpus=3) as url:
+    with local_serve(num_cpus=4, num_gpus=4) as url:
         serve.run(build_graph(parse_graph_config(tiny_args(zoo, trained_adapter[0]))), name="main", route_prefix="/")
         faults = {
             "code": "deployments.engines.faults:HangingEngine",
@@ -91,7 +101,7 @@ def routing_of(obj) -> dict:
 
 def test_models_lists_auto_and_specialists(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["auto", "medical", "code", "general", "general-lora", "nurse"]
+    assert ids == ["auto", "medical", "code", "vision", "general", "general-lora", "nurse"]
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -178,11 +188,11 @@ def test_each_specialist_replica_holds_a_different_gpu() -> None:
     from ray import serve
 
     ids = []
-    for name in ("medical", "code", "general"):  # general, general-lora and nurse share one deployment
+    for name in ("medical", "code", "vision", "general"):  # general, general-lora and nurse share one deployment
         handle = serve.get_deployment_handle(f"specialist-{name}", app_name="main")
         ids.append(tuple(handle.gpu_ids.remote().result()))
     assert all(len(i) == 1 for i in ids)
-    assert len(set(ids)) == 3
+    assert len(set(ids)) == 4
 
 
 def test_trained_adapter_serves_on_the_shared_base(client: openai.OpenAI) -> None:
@@ -335,3 +345,113 @@ def test_streaming_from_a_dead_specialist_is_503(served: str) -> None:
     r = httpx.post(f"{served}/faults/v1/chat/completions", json=body, headers=headers, timeout=60)
     assert r.status_code == 503
     assert "exploded" in r.json()["error"]["message"]
+
+
+# ---- images -----------------------------------------------------------------------------------------
+
+
+XRAY = "What does this chest X-ray show? Could it be pneumonia?"
+
+
+def test_image_request_is_routed_to_vision_answered_and_streamed(client: openai.OpenAI) -> None:
+    red, blue = data_url(solid((220, 20, 20))), data_url(solid((20, 20, 220), (64, 48), "JPEG"), "image/jpeg")
+    kw = {"model": "auto", "max_tokens": 10, "temperature": 0}
+    r = client.chat.completions.create(messages=ask("What is in this picture?", red), **kw)
+    routing = routing_of(r)
+    assert routing["modality"] == "image" and routing["used"] == ["vision"] and not routing["merged"], routing
+    assert "image-capable" in routing["reason"] and r.usage.completion_tokens >= 1
+    text = r.choices[0].message.content
+    # The pixels crossed Ray to the model: another image, another greedy answer.
+    other = client.chat.completions.create(messages=ask("What is in this picture?", blue), **kw)
+    assert other.choices[0].message.content != text
+    chunks = list(client.chat.completions.create(messages=ask("What is in this picture?", red), stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert routing_of(chunks[-1])["modality"] == "image" and routing_of(chunks[-1])["used"] == ["vision"]
+
+
+def test_image_with_a_confident_medical_question_merges_vision_and_medical(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="auto", messages=ask(XRAY, data_url(solid((90, 90, 90)))), max_tokens=8, temperature=0
+    )
+    routing = routing_of(r)
+    assert routing["used"] == ["vision", "medical"] and routing["merged"] and routing["synthesis"] == "fusion"
+    assert set(routing["answers"]) == {"vision", "medical"} and "'medical' (text score" in routing["reason"]
+
+
+def test_image_to_a_text_only_specialist_is_400_and_the_service_keeps_serving(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="'medical' does not accept images") as err:
+        client.chat.completions.create(model="medical", messages=ask(XRAY, data_url(solid((1, 2, 3)))), max_tokens=4)
+    assert err.value.code == "images_not_supported"
+    r = client.chat.completions.create(model="vision", messages=ask("hi", data_url(solid((1, 2, 3)))), max_tokens=4)
+    assert routing_of(r)["pinned"] and routing_of(r)["used"] == ["vision"]
+
+
+class _Images(BaseHTTPRequestHandler):
+    """A loopback image host: /ok.png, /big.png (declared size), /drip.png (no length, too many bytes),
+    /slow.png (answers after the fetch timeout), /moved (a redirect), anything else 404."""
+
+    def do_GET(self) -> None:
+        png = solid((30, 160, 30))
+        if self.path == "/ok.png":
+            self._send(200, png)
+        elif self.path == "/big.png":
+            self._send(200, png + b"\0" * IMAGE_LIMIT)
+        elif self.path == "/drip.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()  # no Content-Length: the body ends when the connection closes
+            for _ in range(IMAGE_LIMIT // 8192 + 2):
+                self.wfile.write(b"\0" * 8192)
+        elif self.path == "/slow.png":
+            time.sleep(2.5)
+            self._send(200, png)
+        elif self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/ok.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send(404, b"no")
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_image_urls_allowlist_size_and_timeout(client: openai.OpenAI, image_host: int) -> None:
+    def send(url: str) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(model="auto", messages=ask("what is this?", url), max_tokens=4)
+
+    r = send(f"http://127.0.0.1:{image_host}/ok.png")
+    assert routing_of(r)["used"] == ["vision"]
+    for path_or_url, code, words in [
+        (f"http://localhost:{image_host}/ok.png", "image_url_not_allowed", "'localhost' is not in"),
+        ("/big.png", "image_too_large", f"the limit is {IMAGE_LIMIT}"),
+        ("/drip.png", "image_too_large", f"over {IMAGE_LIMIT} bytes"),
+        ("/slow.png", "image_fetch_failed", "took over 1s"),
+        ("/moved", "invalid_image", "redirects are not followed"),
+        ("/missing.png", "image_fetch_failed", "HTTP 404"),
+        (f"https://127.0.0.1:{image_host}/ok.png", "image_url_not_allowed", "scheme 'https' is not allowed"),
+    ]:
+        url = path_or_url if "://" in path_or_url else f"http://127.0.0.1:{image_host}{path_or_url}"
+        t0 = time.monotonic()
+        with pytest.raises(openai.BadRequestError, match=words) as err:
+            send(url)
+        assert err.value.code == code and err.value.param == "messages", err.value.body
+        assert time.monotonic() - t0 < 2.4  # the slow host is cut at the 1 s fetch timeout
+    assert routing_of(send(f"http://127.0.0.1:{image_host}/ok.png"))["used"] == ["vision"]

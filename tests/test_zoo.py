@@ -33,3 +33,7 @@ def test_zoo_is_deterministic(zoo: Path, tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
     assert (zoo / "medical" / "tokenizer.json").read_text() == (again / "medical" / "tokenizer.json").read_text()
+    v1, v2 = load_file(zoo / "vision" / "model.safetensors"), load_file(again / "vision" / "model.safetensors")
+    assert v1.keys() == v2.keys() and all((v1[k] == v2[k]).all() for k in v1)
+    for f in ("processor_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (zoo / "vision" / f).read_text() == (again / "vision" / f).read_text()

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+)
 
 from deployments import metrics
 from deployments.config import EngineConfig
@@ -57,9 +64,21 @@ def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesCo
     return None
 
 
-def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
+def load_processor(config: EngineConfig) -> Any:
+    """An image-text-to-text model's processor (image processor + tokenizer + chat template with image
+    placeholders); the config's chat_template overrides the checkpoint's."""
+    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    if config.chat_template is not None:
+        processor.chat_template = config.chat_template
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(f"the processor of {config.model} has no chat template: set chat_template in the config")
+    return processor
+
+
+def load_tokenizer(config: EngineConfig, tok: PreTrainedTokenizerBase | None = None) -> PreTrainedTokenizerBase:
     """Tokenizer padded on the left (decoder-only batches) with a chat template always present."""
-    tok = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    if tok is None:
+        tok = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -71,14 +90,40 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, max_prompt_tokens: int) -> list[int]:
-    """Prompt token ids, shared by every engine: chat template for messages, raw text for completions."""
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+def _image_parts(messages: Sequence[dict[str, Any]]) -> int:
+    return sum(
+        1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p.get("type") == "image"
+    )
+
+
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, max_prompt_tokens: int, processor: Any = None
+) -> list[int]:
+    """Prompt token ids, shared by every engine: chat template for messages, raw text for completions.
+
+    With a processor (image-text-to-text models), messages render through its chat template as
+    content parts and each image placeholder expands to the model's image tokens.
+    """
     if request.prompt_ids is not None:
         return list(request.prompt_ids)
-    if request.messages is not None:
-        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+    if request.messages is not None and processor is not None:
+        ids = _render_multimodal(processor, tokenizer, request)
+    elif request.messages is not None:
+        if request.images or _image_parts(request.messages):
+            raise EngineInputError("this model does not accept images (its modalities are [text])")
+        # Content parts with text only (the engine contract allows them) are plain text to a text model.
+        messages = [{**m, "content": _text_of(m["content"])} for m in request.messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
+        if request.images:
+            raise EngineInputError("images come with chat messages, not with a completion prompt")
         ids = tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
     if len(ids) == 0:
         raise EngineInputError("the prompt is empty after tokenization")
@@ -87,8 +132,37 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest
     return ids
 
 
+def _render_multimodal(processor: Any, tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
+    assert request.messages is not None
+    n_parts = _image_parts(request.messages)
+    if n_parts != len(request.images):
+        raise EngineInputError(f"{n_parts} image placeholder(s) in the messages but {len(request.images)} image(s)")
+    # A placeholder typed as text would pair an image with the wrong tokens (or leave a count mismatch that
+    # fails the forward of the whole prefill): the text may not contain the processor's image tokens.
+    specials = [t for t in (getattr(processor, "image_token", None), getattr(processor, "video_token", None)) if t]
+    for m in request.messages:
+        text = _text_of(m["content"])
+        hit = next((t for t in specials if t in text), None)
+        if hit is not None:
+            raise EngineInputError(f"message text may not contain the model's image placeholder {hit!r}")
+    # Every template of an image-text-to-text model reads content as a list of parts.
+    messages = [
+        {**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]}
+        for m in request.messages
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not request.images:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    try:
+        out = processor(text=[text], images=list(request.images), add_special_tokens=False)
+    except (ValueError, TypeError) as err:
+        raise EngineInputError(f"the images could not be prepared for this model: {str(err)[:200]}") from None
+    return list(out["input_ids"][0])
+
+
 def load_causal_lm(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The base model, quantized if asked, with every configured adapter attached (inactive)."""
+    """The base model (an image-text-to-text model when the config accepts images), quantized if asked,
+    with every configured adapter attached (inactive)."""
     quant = quantization_config(config.quantization, dtype)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
@@ -98,7 +172,8 @@ def load_causal_lm(config: EngineConfig, device: torch.device, dtype: torch.dtyp
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+    auto = AutoModelForImageTextToText if config.accepts_images else AutoModelForCausalLM
+    model = auto.from_pretrained(config.model, **kwargs)
     if quant is None:
         model.to(device)
     if config.adapters:
@@ -136,6 +211,7 @@ class _Row:
     sampler: RowSampler
     text: TextAssembler
     streamed: bool = True  # False: one delivery at the end (no event-loop wake-up per token)
+    image_inputs: dict[str, torch.Tensor] | None = None  # pixel_values (and friends) for the prefill only
     pending_text: str = ""
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -225,10 +301,13 @@ class HFEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(config)
+        # Image-text-to-text models: the processor renders chat with image placeholders and turns images
+        # into pixel_values; its tokenizer is the engine's tokenizer.
+        self.processor = load_processor(config) if config.accepts_images else None
+        self.tokenizer = load_tokenizer(config, self.processor.tokenizer if self.processor is not None else None)
         self.model = load_causal_lm(config, self.device, self.dtype)
         self.adapters = frozenset(config.adapters)
-        model_ctx = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        model_ctx = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
         self.context_length = int(model_ctx)
         self.max_prompt_tokens = min(config.max_prompt_tokens, self.context_length - 1)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
@@ -242,12 +321,13 @@ class HFEngine:
         self._thread = threading.Thread(target=self._loop, name="hf-engine", daemon=True)
         self._thread.start()
         logger.info(
-            "loaded %s on %s (%s, quantization=%s, adapters=%s, stop ids=%s) in %.1fs",
+            "loaded %s on %s (%s, quantization=%s, adapters=%s, modalities=%s, stop ids=%s) in %.1fs",
             config.model,
             self.device,
             self.dtype,
             config.quantization,
             sorted(self.adapters),
+            config.modalities,
             sorted(self.stop_ids),
             time.perf_counter() - t0,
         )
@@ -256,7 +336,16 @@ class HFEngine:
 
     def render(self, request: GenerationRequest) -> list[int]:
         """Token ids of the prompt: chat template for messages, raw text for completions."""
-        return render_prompt(self.tokenizer, request, self.max_prompt_tokens)
+        return render_prompt(self.tokenizer, request, self.max_prompt_tokens, self.processor)
+
+    def _image_inputs(self, request: GenerationRequest) -> dict[str, torch.Tensor] | None:
+        """The model's image inputs for one request (pixel_values, and image_sizes etc. where the model has them)."""
+        if not request.images:
+            return None
+        if self.processor is None:
+            raise EngineInputError("this model does not accept images (its modalities are [text])")
+        out = self.processor.image_processor(list(request.images), return_tensors="pt")
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def _max_new(self, prompt_len: int, params: SamplingParams) -> int:
         # Clip to the context window rather than fail: the answer can still end with "length".
@@ -300,6 +389,7 @@ class HFEngine:
             sampler=RowSampler.create(request.params, self.device, processor),
             text=TextAssembler(self.tokenizer, request.params.stop),
             streamed=streamed,
+            image_inputs=self._image_inputs(request),
         )
         seq = Seq(prompt_len=len(ids), max_new=self._max_new(len(ids), request.params), payload=row)
         with self._cond:
@@ -333,9 +423,13 @@ class HFEngine:
     def _fail_running(self, err: BaseException) -> None:
         with self._cond:
             seqs = list(self.scheduler.running)
+        self._batch = None
+        self._fail(seqs, err)
+
+    def _fail(self, seqs: list[Seq], err: BaseException) -> None:
+        with self._cond:
             for s in seqs:
                 self.scheduler.finish(s)
-        self._batch = None
         for s in seqs:
             s.payload.sink(err)
 
@@ -361,12 +455,18 @@ class HFEngine:
         if batch is not None and batch.seqs:
             results += self._decode(batch)
         if plan.prefill:
-            joined, sampled = self._prefill(plan.prefill)
-            results += sampled
-            if batch is None or not batch.seqs:
-                self._batch = batch = joined
+            try:
+                joined, sampled = self._prefill(plan.prefill)
+            except Exception as err:  # a prompt that breaks the forward fails its own rows, not the running batch
+                logger.exception("prefill of %d row(s) failed", len(plan.prefill))
+                self.stats.errors += 1
+                self._fail(plan.prefill, err)
             else:
-                batch.extend(joined)
+                results += sampled
+                if batch is None or not batch.seqs:
+                    self._batch = batch = joined
+                else:
+                    batch.extend(joined)
         done = {s for s, t, lp in results if self._emit(s, t, lp)}
         if done and batch is not None:
             with self._cond:
@@ -423,12 +523,28 @@ class HFEngine:
             mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 whatever their padding
-        out = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+        out = self._forward(
+            seqs, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **self._batch_images(seqs)
+        )
         self.stats.prefilled_rows += len(seqs)
         sampled = self._sample(seqs, out.logits[:, -1])
         last = torch.tensor([t for _, t, _ in sampled], device=self.device)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         return _Batch(list(seqs), out.past_key_values, mask, lengths, last), sampled
+
+    def _batch_images(self, seqs: list[Seq]) -> dict[str, torch.Tensor]:
+        """The image inputs of the rows that have images, concatenated in row order: the model fills its
+        image-token positions across the flattened batch in that order, so text-only rows need none."""
+        rows = [s.payload.image_inputs for s in seqs if s.payload.image_inputs]
+        if not rows:
+            return {}
+        out = {}
+        for key in rows[0]:
+            x = torch.cat([r[key] for r in rows]).to(self.device)
+            out[key] = x.to(self.dtype) if x.is_floating_point() else x
+        for s in seqs:
+            s.payload.image_inputs = None  # the prefill is their only use: free the pixels now
+        return out
 
     def _emit(self, seq: Seq, token: int, logprob: dict | None) -> bool:
         """Hand one row's new token to its request; True when the row is finished."""

@@ -12,14 +12,19 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.models.clip import CLIPImageProcessorPil  # PIL backend: needs no torchvision
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,15 @@ CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# The same ChatML, with content parts: {"type": "image"} becomes the processor's <image> placeholder.
+CHATML_VISION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IMAGE_TOKEN = "<image>"
 CAUSAL_SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's fixed ids: pad 0, eos 1, unk 2
 
@@ -151,6 +165,70 @@ def tiny_causal_lm(arch: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyLMCon
     raise ValueError(f"unknown zoo architecture {arch!r}; expected qwen2 or llama")
 
 
+@dataclass
+class TinyVisionConfig:
+    """Sizes of the zoo's vision tower (CLIP ViT): a 32x32 image in 8x8 patches is 16 image tokens."""
+
+    hidden: int = 32  # vision width
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 64
+    image_size: int = 32  # the image processor resizes and crops to this
+    patch_size: int = 8
+
+
+def tiny_vlm(seed: int, lm: TinyLMConfig, vision: TinyVisionConfig) -> tuple[torch.nn.Module, LlavaProcessor]:
+    """A Llava-style image-text-to-text model (tiny CLIP vision tower, projector, tiny Llama) and its
+    processor (CLIP image processor, the zoo tokenizer plus an <image> token, ChatML with image parts)."""
+    tok = causal_tokenizer(seed)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|endoftext|>", IMAGE_TOKEN]})
+    tok.chat_template = CHATML_VISION_TEMPLATE
+    side = vision.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",  # drop CLIP's class token: one image token per patch
+        num_additional_image_tokens=1,  # ...which the vision tower adds in front of the patches
+        chat_template=CHATML_VISION_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=lm.hidden,
+        intermediate_size=lm.intermediate,
+        num_hidden_layers=lm.layers,
+        num_attention_heads=lm.heads,
+        num_key_value_heads=lm.kv_heads,
+        max_position_embeddings=lm.context,
+        initializer_range=lm.init_range,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    tower = CLIPVisionConfig(
+        hidden_size=vision.hidden,
+        intermediate_size=vision.intermediate,
+        num_hidden_layers=vision.layers,
+        num_attention_heads=vision.heads,
+        image_size=side,
+        patch_size=vision.patch_size,
+    )
+    config = LlavaConfig(
+        vision_config=tower,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(side // vision.patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config), processor
+
+
 def tiny_t5(tokenizer: PreTrainedTokenizerFast, d_model: int = 64) -> T5ForConditionalGeneration:
     config = T5Config(
         vocab_size=len(tokenizer),
@@ -193,8 +271,13 @@ def add_random_lora(model_dir: Path, out_dir: Path, seed: int) -> None:
     get_peft_model(base, lora).save_pretrained(out_dir)
 
 
-def build_zoo(out: str | Path, seed: int = 0, specialists: dict[str, str] | None = None) -> dict[str, str]:
-    """Write the zoo to `out`; return name -> directory. Deterministic for a given seed."""
+def build_zoo(
+    out: str | Path, seed: int = 0, specialists: dict[str, str] | None = None, vision: bool = True
+) -> dict[str, str]:
+    """Write the zoo to `out`; return name -> directory. Deterministic for a given seed.
+
+    With `vision`, `out/vision` holds a tiny Llava-style image-text-to-text model with its processor.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specialists = specialists or DEFAULT_SPECIALISTS
@@ -215,6 +298,12 @@ def build_zoo(out: str | Path, seed: int = 0, specialists: dict[str, str] | None
     t5.save_pretrained(out / "t5", safe_serialization=True)
     t5tok.save_pretrained(out / "t5")
     paths["t5"] = str(out / "t5")
+    if vision:
+        vlm, processor = tiny_vlm(seed * 1000 + zlib.crc32(b"vision") % 997, TinyLMConfig(), TinyVisionConfig())
+        vlm.save_pretrained(out / "vision", safe_serialization=True)
+        processor.save_pretrained(out / "vision")
+        paths["vision"] = str(out / "vision")
+        logger.info("zoo: vision (llava, %d params) -> %s", sum(p.numel() for p in vlm.parameters()), out / "vision")
     if "general" in specialists:
         for j, adapter in enumerate(("lora-a", "lora-b")):
             add_random_lora(out / "general", out / "adapters" / adapter, seed=seed * 1000 + 500 + j)
