@@ -194,7 +194,6 @@ class SpecialistConfig(EngineConfig):
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout when fanned out.")
     ttft_timeout_s: float = Field(30.0, gt=0, le=3600, description="Streams: longest wait for the first token.")
     stall_timeout_s: float = Field(10.0, gt=0, le=3600, description="Streams: longest wait between two tokens.")
-    modalities: list[Literal["text", "image"]] = ["text"]
 
     @field_validator("name")
     @classmethod

@@ -103,17 +103,28 @@ def _image_parts(messages: Sequence[dict[str, Any]]) -> int:
 
 
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, max_prompt_tokens: int, processor: Any = None
+    tokenizer: PreTrainedTokenizerBase,
+    request: GenerationRequest,
+    max_prompt_tokens: int,
+    processor: Any = None,
+    *,
+    unexpanded_image_parts: bool = False,
 ) -> list[int]:
     """Prompt token ids, shared by every engine: chat template for messages, raw text for completions.
 
-    With a processor (image-text-to-text models), messages render through its chat template as
-    content parts and each image placeholder expands to the model's image tokens.
+    With a processor (HF image-text-to-text models), messages render through its chat template as
+    content parts and each image placeholder expands to the model's image tokens. With
+    `unexpanded_image_parts` (vLLM, which expands placeholders itself), content parts go through the
+    tokenizer's template as they are, so each image part leaves one unexpanded placeholder; the caller
+    checks the counts.
     """
     if request.prompt_ids is not None:
         return list(request.prompt_ids)
     if request.messages is not None and processor is not None:
         ids = _render_multimodal(processor, tokenizer, request)
+    elif request.messages is not None and unexpanded_image_parts:
+        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     elif request.messages is not None:
         if request.images or _image_parts(request.messages):
             raise EngineInputError("this model does not accept images (its modalities are [text])")

@@ -336,7 +336,9 @@ class VLLMEngine:
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
         image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         placeholder = find_image_placeholder(
-            lambda msgs: render_prompt(self.tokenizer, GenerationRequest(messages=msgs), 1 << 30),
+            lambda msgs: render_prompt(
+                self.tokenizer, GenerationRequest(messages=msgs), 1 << 30, unexpanded_image_parts=True
+            ),
             special,
             image_token_id if isinstance(image_token_id, int) else None,
         )
@@ -348,7 +350,11 @@ class VLLMEngine:
 
         if request.images and request.messages is None:
             raise EngineInputError("images need chat messages with image content parts, not a raw prompt")
-        return render_prompt(self.tokenizer, request, self.max_prompt_tokens)
+        # A vision-language model keeps its image parts as unexpanded placeholders (vLLM expands them);
+        # a text-only one flattens text parts and refuses images like the HF engine.
+        return render_prompt(
+            self.tokenizer, request, self.max_prompt_tokens, unexpanded_image_parts=self.placeholder is not None
+        )
 
     def _submit(self, request: GenerationRequest, stream: bool) -> tuple[str, Any, list[int]]:
         ids = self.render(request)
