@@ -576,7 +576,7 @@ def test_vllm_prompt_maps_images_and_checks_counts() -> None:
     out = vllm_prompt([1, 7, 8, 3, 7, 8], (a, b), ph, 2)
     assert out == {"prompt_token_ids": [1, 7, 8, 3, 7, 8], "multi_modal_data": {"image": [a, b]}}
     assert out["multi_modal_data"]["image"][0] is a  # the very images, in order
-    with pytest.raises(EngineInputError, match="does not (take|accept) images"):
+    with pytest.raises(EngineInputError, match=r"does not (take|accept) images"):
         vllm_prompt([1, 2], (a,), None, 999)
     with pytest.raises(EngineInputError, match="2 images in one request; this model accepts at most 1"):
         vllm_prompt([1, 7, 8, 7, 8], (a, b), ph, 1)
@@ -631,7 +631,7 @@ def test_image_errors_are_client_errors(vlm: Path, zoo: Path) -> None:
     assert engine.engine.calls == []  # none of them reached vLLM
     text_only = VLLMEngine(EngineConfig(model=str(zoo / "general")), FAKE_API)
     assert text_only.placeholder is None
-    with pytest.raises(EngineInputError, match="does not (take|accept) images"):
+    with pytest.raises(EngineInputError, match=r"does not (take|accept) images"):
         asyncio.run(text_only.generate(image_chat("x", 1)))
 
 
