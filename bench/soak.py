@@ -4,7 +4,11 @@
 
 A closed loop of `concurrency` clients sends a mix of pinned, routed (merged) and streamed requests.
 Every replica's resident memory (RSS) is sampled every --sample-s seconds; the slope of a least-squares
-line through the samples after the warm-up is reported in MB per minute. Writes bench/results/soak.json.
+line through the samples after the warm-up is reported in MB per minute, and again over the second half
+alone (a leak keeps its slope; allocator warm-up levels off). --report-s N asks the router ingress for its
+own memory view every N seconds (RSS against glibc's bytes in use and free, Python objects; tracemalloc
+too with --tracemalloc FRAMES) and once more at the end, idle, after malloc_trim. Writes
+bench/results/soak.json (with every replica's RSS series).
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ def slope_per_min(samples: list[tuple[float, float]]) -> float:
     return 60.0 * sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var if var else 0.0
 
 
-def ingress_report(app: str, top: int = 15, trim: bool = False) -> dict[str, Any] | None:
-    """The router ingress's memory report (deployments.memory) through a Serve handle; None if it fails."""
+def ingress_report(app: str, top: int = 15, trim: bool = False) -> dict[str, Any]:
+    """The router ingress's memory report (deployments.memory) through a Serve handle; {"error": ...} if it fails."""
     from ray import serve
 
     try:
@@ -106,7 +110,7 @@ def soak(
             with lock:
                 done = sent
             rep = ingress_report(app)
-            reports.append({"t_s": round(now, 1), "requests": done, **(rep or {})})
+            reports.append({"t_s": round(now, 1), "requests": done, **rep})
             print(json.dumps(reports[-1])[:4000], flush=True)
             next_report = now + report_s
         time.sleep(sample_s)
@@ -116,7 +120,7 @@ def soak(
     if report_s:
         # Idle now: give glibc's free heap back (malloc_trim) and see how much of the RSS was live memory.
         rep = ingress_report(app, trim=True)
-        reports.append({"t_s": round(time.monotonic() - t0, 1), "requests": sent, **(rep or {})})
+        reports.append({"t_s": round(time.monotonic() - t0, 1), "requests": sent, **rep})
     memory = {}
     for name, series in sorted(samples.items()):
         steady = [(t, y) for t, y in series if t >= warmup_s] or series

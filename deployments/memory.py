@@ -2,10 +2,10 @@
 
 Why a trimmer: under load the ingress's live memory (Python objects, glibc blocks in use) stays flat, yet
 its RSS climbed ~2.5 MB/min in a 10-minute soak, levelling off. The growth was free heap that glibc keeps:
-the replica has ~40 threads (Ray's core worker, gRPC, Serve's loops), each allocating from its own malloc
-arena, and free chunks in the middle of an arena are never handed back to the OS. `malloc_trim(0)` gives
-them back (it released the whole 30 MB of growth), so `start_trimmer()` calls it every
-CONSILIUM_MALLOC_TRIM_S seconds (default 60, 0 turns it off). RSS then follows live memory, which is
+the replica has ~40 threads (Ray's core worker, gRPC, Serve's loops) spread over up to 8 malloc arenas
+per core, and free() hands back only the top of an arena's heap, never free chunks in its middle.
+`malloc_trim(0)` gives those back too (it released the whole 30 MB of growth), so `start_trimmer()` calls
+it every CONSILIUM_MALLOC_TRIM_S seconds (default 60, 0 turns it off). RSS then follows live memory, which is
 what a leak alarm or an OOM budget needs to watch. See docs/reliability.md, "Soak".
 
 Diagnostics: off unless CONSILIUM_TRACEMALLOC is set in the replica's environment (a number of frames,
