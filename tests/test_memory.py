@@ -23,13 +23,15 @@ FRAGMENT = textwrap.dedent(
     import json, sys, threading, time
     from deployments import memory
 
-    def churn(keep):
+    def churn(keep, together):
         blocks = [bytes(4000) + bytes([i % 256]) for i in range(6000)]  # ~24 MB per thread, via malloc
+        together.wait()  # all four hold theirs at once, however the threads get scheduled
         keep.extend(blocks[::64])  # one block in 64 stays alive
 
     keep = []
+    together = threading.Barrier(4)
     base = memory.rss_mb()
-    threads = [threading.Thread(target=churn, args=(keep,)) for _ in range(4)]
+    threads = [threading.Thread(target=churn, args=(keep, together)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
