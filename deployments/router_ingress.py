@@ -20,7 +20,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import metrics
+from deployments import memory, metrics
 from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, Overloaded, StreamEvent
 from deployments.images import ImageError, limits_payload, load_images
@@ -217,6 +217,7 @@ class RouterIngress:
     ) -> None:
         configure_logging()
         metrics.enable()
+        memory.configure()  # glibc heap trimmer (RSS follows live memory); CONSILIUM_TRACEMALLOC=1 to diagnose
         self.config = GraphConfig.model_validate(config)
         group_of = {s.name: g for g, members in self.config.groups().items() for s in members}
         self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
@@ -545,6 +546,10 @@ class RouterIngress:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
+
+    async def memory_report(self, top: int = 15, trim: bool = False) -> dict[str, Any]:
+        """Memory diagnostics (deployments.memory): through a DeploymentHandle only, never an HTTP route."""
+        return memory.report(top, trim)
 
     # ---- routes --------------------------------------------------------------------------------------
 
