@@ -146,6 +146,13 @@ class EngineConfig(_Strict):
     max_num_seqs: int = Field(
         64, ge=1, le=1024, description="Most requests decoded together in one step (the engine's running batch)."
     )
+    stream_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="HF engine streams: after the first delta, at most one delta per this interval (the tokens "
+        "in between merged); fewer chunks through Serve and HTTP per stream. 0: every token at once.",
+    )
 
     @field_validator("adapters")
     @classmethod
