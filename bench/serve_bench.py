@@ -341,7 +341,9 @@ async def disconnect(url: str, model: str, stats) -> dict:
 
 
 def _refusals(res: list[tuple[float, Reply]]) -> dict:
-    refused = [(dt, r) for dt, r in res if r.status_code == 503]
+    # A refusal is a 503 with code "overloaded"; a 503 for any other reason (e.g. a request that was
+    # queued, then timed out at the specialist) is counted apart, never timed as a refusal.
+    refused = [(dt, r) for dt, r in res if r.status_code == 503 and r.json()["error"].get("code") == "overloaded"]
     lat = [dt for dt, _ in refused]
     # The ingress's own bound answers before routing (no "routing" in the body); a specialist's full
     # queue answers after routing, naming the specialist in routing.failed.
@@ -355,12 +357,14 @@ def _refusals(res: list[tuple[float, Reply]]) -> dict:
         "503_p99_ms": percentile(lat, 99) * 1000,
         "503_max_ms": max(lat, default=float("nan")) * 1000,
         "retry_after": refused[0][1].headers.get("retry-after") if refused else None,
-        "openai_body": all(r.json()["error"]["code"] == "overloaded" for _, r in refused),  # True when none
+        "openai_body": all(
+            r.json()["error"]["type"] == "service_unavailable" and r.headers.get("retry-after") for _, r in refused
+        ),  # True when none
         "codes": dict(Counter(r.json()["error"].get("code") if r.status_code != 200 else 200 for _, r in res)),
     }
 
 
-async def overload(url: str, model: str, bound: int, ongoing: int, max_tokens: int, stats) -> dict:
+async def overload(url: str, model: str, bound: int, ongoing: int, max_tokens: int, stats, ingress=None) -> dict:
     """Refusal latency at the bound (the target) and in a burst of bound + 128 sent at once (reported too).
 
     At the bound: `bound` clients keep long requests in flight (each sends the next when one ends), so the
@@ -391,11 +395,13 @@ async def overload(url: str, model: str, bound: int, ongoing: int, max_tokens: i
         deadline = time.perf_counter() + 60
         while time.perf_counter() < deadline:
             s = await stats() if stats else None
-            # The engine holds max_ongoing_requests; the rest wait in the ingress's queue for the specialist.
-            if s is None or s["running"] + s["waiting"] >= ongoing:
+            a = await ingress() if ingress else None
+            # Every filler has crossed the proxy into the ingress, and the engine holds max_ongoing_requests
+            # (the rest wait in the ingress's queue for the specialist): the intake is over, the bound is full.
+            if s is None or (s["running"] + s["waiting"] >= ongoing and (a is None or a["inflight"] >= bound)):
                 break
             await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # let the queue fill behind the engine
+        await asyncio.sleep(1.0)
         one_by_one = [await post(client, url, probe) for _ in range(48)]
         at_once = await asyncio.gather(*(post(client, url, probe) for _ in range(64)))
         stop.set()
@@ -426,7 +432,8 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
     sv = asyncio.run(streams_vs_one(url, model, 8, 200, stats))
     sd = asyncio.run(short_during_long(url, model, 400))
     dc = asyncio.run(disconnect(url, model, stats)) if stats is not None else None
-    ov = asyncio.run(overload(url, model, bound, ongoing, 400, stats))  # long answers keep every slot busy
+    ingress = ingress_stats_reader() if stats is not None else None  # self-hosted only, like stats
+    ov = asyncio.run(overload(url, model, bound, ongoing, 400, stats, ingress))  # long answers keep slots busy
     at, many, burst = ov["at_bound"], ov["at_bound_64_at_once"], ov["burst"]
     c32, c256 = tp[1]["served_req_per_s"], tp[2]["served_req_per_s"]
     summary = [
@@ -620,6 +627,17 @@ def engine_stats_reader(name: str):
 
     async def read() -> dict:
         return await handle.engine_stats.remote()
+
+    return read
+
+
+def ingress_stats_reader():
+    from ray import serve
+
+    handle = serve.get_deployment_handle("router", app_name="consilium")
+
+    async def read() -> dict:
+        return await handle.admission_stats.remote()
 
     return read
 
