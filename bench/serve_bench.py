@@ -326,7 +326,10 @@ async def disconnect(url: str, model: str, stats) -> dict:
     """Read a few chunks of a 400-token stream, hang up, and watch the engine drop the row."""
     before = await stats()
     async with session_for(2) as client:
-        got = await stream_once(client, url, body("Tell me everything about fevers.", model, 400), stop_after=3)
+        # This prompt runs the full 400 tokens on the zoo's medical (the old one hit EOS at 32 tokens under
+        # medical's system prompt, which a 20 ms stream interval could reach before the hang-up).
+        prompt = "Tell me everything about fevers, at length."
+        got = await stream_once(client, url, body(prompt, model, 400), stop_after=3)
     t_close = time.perf_counter()
     deadline = t_close + 30
     while (s := await stats())["aborted"] == before["aborted"] and time.perf_counter() < deadline:
