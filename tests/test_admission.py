@@ -93,6 +93,7 @@ def test_the_slot_comes_back_after_errors_and_cancellation() -> None:
 
 def test_derived_bound(tmp_path) -> None:
     args = tiny_args(tmp_path)  # paths are not opened here
+    args["server"].pop("max_inflight_requests", None)  # configs/zoo.yaml sets one; derive it here
     for s in args["specialists"]:
         s["deployment"] = {"max_ongoing_requests": 10, "max_queued_requests": 5}
     args["server"]["deployment"] = {"max_ongoing_requests": 1024}
