@@ -169,6 +169,14 @@ class EngineConfig(_Strict):
     def accepts_images(self) -> bool:
         return "image" in self.modalities
 
+    stream_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="HF engine streams: after the first delta, at most one delta per this interval (the tokens "
+        "in between merged); fewer chunks through Serve and HTTP per stream. 0: every token at once.",
+    )
+
     @field_validator("adapters")
     @classmethod
     def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
@@ -367,7 +375,29 @@ class ServerConfig(_Strict):
     max_messages: int = Field(256, ge=1, le=10_000)
     request_timeout_s: float = Field(300.0, gt=0, le=3600, description="Deadline of a whole request, streams too.")
     images: ImageConfig = Field(default_factory=ImageConfig, description="Image inputs: limits and remote URLs.")
+    max_inflight_requests: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="Completions one ingress replica works on at once; more get 503 + Retry-After before any "
+        "parsing or routing. None: what the specialists can hold (their max_ongoing + max_queued per replica), "
+        "kept below server.deployment.max_ongoing_requests.",
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _bound_below_proxy(self) -> ServerConfig:
+        # At max_ongoing_requests Serve's proxy stops sending and queues, then refuses with its own
+        # plain-text 503: the ingress's OpenAI-shaped refusal must fire before that.
+        if (
+            self.max_inflight_requests is not None
+            and self.max_inflight_requests >= self.deployment.max_ongoing_requests
+        ):
+            raise ValueError(
+                f"max_inflight_requests={self.max_inflight_requests} must be below "
+                f"deployment.max_ongoing_requests={self.deployment.max_ongoing_requests}"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -439,6 +469,21 @@ class GraphConfig(_Strict):
         for s in self.specialists:
             out.setdefault(s.group or s.name, []).append(s)
         return out
+
+    def ingress_bound(self) -> int:
+        """Completions one ingress replica admits at once (`server.max_inflight_requests`, or derived)."""
+        if self.server.max_inflight_requests is not None:
+            return self.server.max_inflight_requests
+        hold = 0
+        for members in self.groups().values():
+            d = members[0].deployment
+            replicas = d.autoscaling.max_replicas if d.autoscaling is not None else (d.num_replicas or 1)
+            hold += (d.max_ongoing_requests + d.max_queued_requests) * replicas
+        ingress = self.server.deployment
+        ingress_replicas = ingress.autoscaling.min_replicas if ingress.autoscaling is not None else ingress.num_replicas
+        per_replica = -(-hold // max(1, ingress_replicas or 1))  # the proxy spreads requests over the replicas
+        below_proxy = ingress.max_ongoing_requests - max(1, ingress.max_ongoing_requests // 8)  # room for /health
+        return max(1, min(per_replica, below_proxy))
 
     def specialist(self, name: str) -> SpecialistConfig:
         for s in self.specialists:

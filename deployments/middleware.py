@@ -1,9 +1,10 @@
-"""ASGI middleware for the ingress: the request id in and out (and on every log line), request metrics, access log."""
+"""ASGI middleware for the ingress: request id in and out (and on every log line), metrics, access log, admission."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -76,13 +77,74 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-async def _send_json(send: Any, status: int, body: dict) -> None:
+class Admission:
+    """The ingress replica's bound on completions in flight; `configure` sets it when the replica starts."""
+
+    # Only these do model work; /health, /v1/models, /v1/route stay answerable under any load.
+    PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+    def __init__(self) -> None:
+        self.bound: int | None = None  # None: no bound (the app served without a config)
+        self.retry_after_s = 1.0
+        self.inflight = 0
+        self.admitted = 0
+        self.refused = 0
+
+    def configure(self, bound: int, retry_after_s: float) -> None:
+        self.bound, self.retry_after_s = bound, retry_after_s
+
+    def stats(self) -> dict[str, int | None]:
+        return {"inflight": self.inflight, "bound": self.bound, "admitted": self.admitted, "refused": self.refused}
+
+
+class AdmissionMiddleware:
+    """Refuses a completion with 503 + Retry-After before any parsing or routing when the bound is full.
+
+    A refusal here costs microseconds of this replica's loop; past this point a request would be parsed,
+    validated and routed before a specialist's queue refused it. The counter is released in `finally`,
+    so a finished, failed, streamed, timed-out or disconnected (cancelled) request always gives its slot back.
+    """
+
+    def __init__(self, app: Any, admission: Admission) -> None:
+        self.app, self.admission = app, admission
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        a = self.admission
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix: match the route, not the prefix
+            path = path[len(root) :]
+        if scope["type"] != "http" or a.bound is None or path not in Admission.PATHS:
+            await self.app(scope, receive, send)
+            return
+        if a.inflight >= a.bound:
+            a.refused += 1
+            body = error_body(
+                f"the service is at capacity ({a.bound} requests in flight); retry later",
+                "service_unavailable",
+                "overloaded",
+            )
+            retry = str(max(1, math.ceil(a.retry_after_s))).encode()  # whole seconds, rounded up (RFC 9110)
+            await _send_json(send, 503, body, [(b"retry-after", retry)])
+            return
+        a.inflight += 1
+        a.admitted += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            a.inflight -= 1
+
+
+async def _send_json(send: Any, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     raw = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": raw})

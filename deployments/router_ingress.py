@@ -25,7 +25,7 @@ from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, Overloaded, StreamEvent
 from deployments.images import ImageError, limits_payload, load_images
 from deployments.logging_setup import configure_logging
-from deployments.middleware import RequestContextMiddleware
+from deployments.middleware import Admission, AdmissionMiddleware, RequestContextMiddleware
 from deployments.protocol import (
     SEED_MAX,
     BodyError,
@@ -188,6 +188,8 @@ app = FastAPI(
     openapi_url=None,
     redirect_slashes=False,  # "/v1/models/" is a 404 like any unknown path, not a 307 to follow
 )
+admission = Admission()  # this replica's completions in flight; its bound is set from the config in __init__
+app.add_middleware(AdmissionMiddleware, admission=admission)  # inner: refusals still get an id and metrics
 app.add_middleware(RequestContextMiddleware)  # X-Request-Id in/out, request metrics, access log
 
 
@@ -226,6 +228,11 @@ class RouterIngress:
         # Optional OpenAI features every engine provides: HF and vLLM both report logprobs and both
         # constrain output to a response_format (xgrammar masks in the HF engine; vLLM's structured outputs).
         self.supported: frozenset[str] = frozenset({"logprobs", "response_format"})
+        admission.configure(self.config.ingress_bound(), self.config.server.deployment.retry_after_s)
+
+    def admission_stats(self) -> dict[str, int | None]:
+        """Completions in flight on this replica, its bound, and how many were admitted and refused."""
+        return admission.stats()
 
     # ---- request plumbing ----------------------------------------------------------------------------
 

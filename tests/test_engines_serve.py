@@ -187,3 +187,76 @@ def test_logprobs_over_http(url: str) -> None:
     assert len(content) == r["usage"]["completion_tokens"]
     assert all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
     assert httpx.post(f"{url}/v1/chat/completions", json=body(3), timeout=60).json()["choices"][0]["logprobs"] is None
+
+
+INGRESS_BOUND = 3
+
+
+@pytest.fixture(scope="module")
+def adm_url(url: str, zoo: Path) -> str:
+    """A second app on the same cluster, under a route prefix: the ingress admits 3 completions at once."""
+    from ray import serve
+
+    from deployments.app import build_graph
+    from deployments.config import parse_graph_config
+
+    args = load_args(zoo)
+    general = args["specialists"][0]
+    general["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 16, "max_queued_requests": 16}
+    args["specialists"] = [general]
+    args["router"] = {"top_k": 1, "fallback": "general", "domain_to_specialist": {d: "general" for d in DOMAINS}}
+    args["server"]["max_inflight_requests"] = INGRESS_BOUND
+    args["server"]["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 16, "retry_after_s": 3}
+    serve.run(build_graph(parse_graph_config(args)), name="adm", route_prefix="/adm")
+    return f"{url}/adm"
+
+
+DOMAINS = ("medical", "code", "general")
+
+
+async def adm_stats(deployment: str = "router") -> dict:
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name="adm")
+    return await (handle.admission_stats if deployment == "router" else handle.engine_stats).remote()
+
+
+def test_ingress_admission_refuses_before_routing_and_gives_every_slot_back(adm_url: str) -> None:
+    chat = f"{adm_url}/v1/chat/completions"
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            # Hold the bound with three streams that have started answering.
+            held = [client.stream("POST", chat, json=body(400, stream=True)) for _ in range(INGRESS_BOUND)]
+            lines = []
+            for cm in held:
+                lines.append((await cm.__aenter__()).aiter_lines())
+                async for line in lines[-1]:
+                    if line.startswith("data: {"):
+                        break
+            assert (await adm_stats())["inflight"] == INGRESS_BOUND
+            engine_before = await adm_stats("specialist-general")
+            refused = await client.post(chat, json=body(4))
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+            assert refused.headers.get("x-request-id")  # refusals are traceable like any answer
+            err = refused.json()["error"]
+            assert err["type"] == "service_unavailable" and err["code"] == "overloaded"
+            # Refused before routing: the specialist never saw it.
+            assert (await adm_stats("specialist-general"))["prefilled_rows"] == engine_before["prefilled_rows"]
+            assert (await client.get(f"{adm_url}/health")).status_code == 200  # not counted, not refused
+            # Two clients hang up mid-stream; the third reads its stream to the end.
+            for cm in held[:2]:
+                await cm.__aexit__(None, None, None)
+            async for _ in lines[2]:
+                pass
+            await held[2].__aexit__(None, None, None)
+            # Errors pass through the counter too: a bad body (400) and an unknown model (404).
+            assert (await client.post(chat, content=b"{not json")).status_code == 400
+            assert (await client.post(chat, json=body(4, model="nobody"))).status_code == 404
+            deadline = time.monotonic() + 15
+            while (s := await adm_stats())["inflight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert s["inflight"] == 0 and s["refused"] == 1
+            assert (await client.post(chat, json=body(4))).status_code == 200  # capacity is back
+
+    asyncio.run(scenario())

@@ -132,6 +132,27 @@ def test_stream_concatenates_to_generate(engine: HFEngine) -> None:
         assert last.finish_reason is not None and last.completion_tokens >= 1
 
 
+def test_stream_interval_merges_tokens_after_the_first(engine: HFEngine) -> None:
+    """stream_interval_s: the first delta at once, later tokens merged per interval; same text as generate."""
+    req = chat("fever and cough", SamplingParams(temperature=0.0, max_new_tokens=24))
+
+    async def go() -> list:
+        return [d async for d in engine.stream(req)]
+
+    every = asyncio.run(go())
+    saved = engine.config
+    engine.config = saved.model_copy(update={"stream_interval_s": 1.0})  # longer than the whole answer takes
+    try:
+        merged = asyncio.run(go())
+    finally:
+        engine.config = saved
+    assert len(every) > 3  # without an interval an idle consumer sees about one token per delta
+    assert 2 <= len(merged) <= 3  # the first token, then the rest (two if the answer outlasts one interval)
+    assert merged[0].text == every[0].text
+    assert "".join(d.text for d in merged) == "".join(d.text for d in every) == engine.generate_sync(req).text
+    assert merged[-1].completion_tokens == every[-1].completion_tokens
+
+
 def test_stop_strings_cut_both_paths(engine: HFEngine) -> None:
     full = engine.generate_sync(chat("fever", SamplingParams(temperature=0.0, max_new_tokens=30))).text
     stop = full[3:5]

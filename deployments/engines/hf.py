@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -614,9 +615,15 @@ class HFEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
         seq = self.submit(request, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        interval, last = self.config.stream_interval_s, -math.inf
         try:
             while True:
                 items = [await q.get()]
+                wait = last + interval - loop.time()
+                if wait > 0 and not isinstance(items[0], BaseException) and items[0].finish_reason is None:
+                    # Every delta costs a hop through Serve's streaming, the ingress and HTTP; tokens that
+                    # come within the interval go as one. The first delta (time to first token) never waits.
+                    await asyncio.sleep(wait)
                 # A consumer that fell behind gets what piled up as one delta: fewer, larger chunks
                 # through Serve and HTTP under load, while an idle one still sees every token at once.
                 while not q.empty():
@@ -625,6 +632,7 @@ class HFEngine:
                     if isinstance(item, BaseException):
                         raise item
                 yield merge_deltas(items)
+                last = loop.time()
                 if items[-1].finish_reason is not None:
                     return
         finally:
