@@ -8,6 +8,7 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -143,8 +144,9 @@ def t5_tokenizer(seed: int) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_causal_lm(arch: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyLMConfig) -> torch.nn.Module:
-    common = dict(
+def lm_config_kwargs(tokenizer: PreTrainedTokenizerFast, cfg: TinyLMConfig) -> dict[str, Any]:
+    """The decoder sizes and special ids every zoo language model (and the VLM's text model) shares."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden,
         intermediate_size=cfg.intermediate,
@@ -158,6 +160,10 @@ def tiny_causal_lm(arch: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyLMCon
         bos_token_id=None,
         tie_word_embeddings=True,
     )
+
+
+def tiny_causal_lm(arch: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyLMConfig) -> torch.nn.Module:
+    common = lm_config_kwargs(tokenizer, cfg)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common))
     if arch == "llama":
@@ -194,20 +200,7 @@ def tiny_vlm(seed: int, lm: TinyLMConfig, vision: TinyVisionConfig) -> tuple[tor
         chat_template=CHATML_VISION_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=lm.hidden,
-        intermediate_size=lm.intermediate,
-        num_hidden_layers=lm.layers,
-        num_attention_heads=lm.heads,
-        num_key_value_heads=lm.kv_heads,
-        max_position_embeddings=lm.context,
-        initializer_range=lm.init_range,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    text = LlamaConfig(**lm_config_kwargs(tok, lm))
     tower = CLIPVisionConfig(
         hidden_size=vision.hidden,
         intermediate_size=vision.intermediate,
