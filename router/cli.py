@@ -26,6 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             static_from=args.static_from,
             static_dim=args.static_dim,
+            drug_feature=args.drug_feature,
         )
         model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
@@ -104,6 +105,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="linear: add static token embeddings from a causal LM checkpoint dir or a router artifact",
     )
     tr.add_argument("--static-dim", type=int, default=64, help="linear: PCA components of the static embeddings")
+    tr.add_argument(
+        "--drug-feature",
+        choices=["off", "names", "names+suffixes"],
+        default="off",
+        help="linear: one shared feature for any drug name in router/data/drugs.txt (+ drug-stem suffixes)",
+    )
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")
     ev.add_argument("--model", help="artifact directory (default: the shipped router)")

@@ -1,6 +1,7 @@
 """Source-disjoint dev score: leave whole training sources out (one per domain per fold), never the held-out ones.
 
-Run: nice -n 10 python -m router.dev_eval [--c 16] [--drop-sources a,b] [--static-from DIR] [--static-scale 1]
+Run: nice -n 10 python -m router.dev_eval [--c 16] [--drop-sources a,b] [--drug-feature names]
+     [--static-from DIR] [--static-scale 1]
 Every modelling choice is made on this score; the held-out sources (router/data/SOURCES.md) are read
 only by the final bench. Each fold trains on train+val minus its three sources and reports top-1
 (argmax) accuracy on them. Two summaries: the mean over the first 12 left-out sources (the first
@@ -20,7 +21,17 @@ import scipy.sparse as sp
 
 from router.data import CORPUS_DIR
 from router.model import HashingConfig
-from router.train import TrainConfig, features, load_static, read_jsonl, source_weights, static_matrix, targets
+from router.train import (
+    DRUG_FEATURES,
+    TrainConfig,
+    drug_lexicon,
+    features,
+    load_static,
+    read_jsonl,
+    source_weights,
+    static_matrix,
+    targets,
+)
 
 FOLDS = [
     ["cqa-webmasters", "healthsearchqa", "clinc150"],
@@ -40,6 +51,7 @@ def main() -> None:
     parser.add_argument("--drop-sources", default="", help="comma-separated sources never trained on")
     parser.add_argument("--source-power", type=float, default=TrainConfig.source_power)
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "none"])
+    parser.add_argument("--drug-feature", default=TrainConfig.drug_feature, choices=DRUG_FEATURES)
     parser.add_argument("--static-from", default="")
     parser.add_argument("--static-dim", type=int, default=TrainConfig.static_dim)
     parser.add_argument("--static-scale", type=float, default=TrainConfig.static_scale)
@@ -49,7 +61,8 @@ def main() -> None:
     dropped = [s for s in args.drop_sources.split(",") if s]
     class_weight = None if args.class_weight == "none" else "balanced"
     domains = sorted({label for ex in data for label in ex.labels})
-    hashing = HashingConfig(buckets=cfg.linear_buckets, punctuation=False)
+    names, suffixes = drug_lexicon(args.drug_feature)
+    hashing = HashingConfig(buckets=cfg.linear_buckets, punctuation=False, lexicon=names, lexicon_suffixes=suffixes)
     x = features([ex.text for ex in data], hashing)
     if args.static_from:
         table, tok = load_static(args.static_from, args.static_dim)

@@ -38,6 +38,19 @@ class HashingConfig:
     # Punctuation tokens ("?", ".") mark a source's style (search queries and issue titles have none)
     # more than a domain; the linear router leaves them out. True keeps older artifacts' features.
     punctuation: bool = True
+    # Lexicon feature: a word in `lexicon` (drug names) adds one shared "lexicon" feature, a word ending
+    # in one of `lexicon_suffixes` (-pril, -olol) another, so a drug the training data never names still
+    # counts like one it does. Stored in the artifact (a few kB) so scoring never depends on repo files.
+    lexicon: list[str] = field(default_factory=list)
+    lexicon_suffixes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # set and tuple built once: featurize is on the hot path
+        self._lexicon_set = frozenset(w.lower() for w in self.lexicon)
+        self._suffixes = tuple(s.lower() for s in self.lexicon_suffixes)
+
+
+_LEXICON_MIN_STEM = 3  # "-vir" on "vir" or "-mab" on "mab" alone is no drug name
 
 
 def featurize(text: str, cfg: HashingConfig) -> list[int]:
@@ -55,7 +68,26 @@ def featurize(text: str, cfg: HashingConfig) -> list[int]:
         w = f"<{t}>".encode()
         for n in range(lo, hi + 1):
             ids += [zlib.crc32(w[i : i + n]) % b for i in range(len(w) - n + 1)]
+    if cfg._lexicon_set or cfg._suffixes:
+        ids += _lexicon_ids(tokens, cfg)
     return ids
+
+
+def _lexicon_ids(tokens: list[str], cfg: HashingConfig) -> list[int]:
+    """One "lexicon" id per word in the lexicon, one "suffix" id per other word with a lexicon suffix."""
+    hit, suffix_hit = zlib.crc32(b"L lexicon") % cfg.buckets, zlib.crc32(b"L suffix") % cfg.buckets
+    out = []
+    for t in tokens:
+        if t in cfg._lexicon_set:
+            out.append(hit)
+        elif (
+            cfg._suffixes
+            and t.isalpha()
+            and t.endswith(cfg._suffixes)  # cheap C-level test first: most words end in no suffix
+            and any(t.endswith(s) and len(t) - len(s) >= _LEXICON_MIN_STEM for s in cfg._suffixes)
+        ):
+            out.append(suffix_hit)
+    return out
 
 
 def static_features(text: str, tokenizer, table: np.ndarray, max_chars: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from router.data import DATA_DIR
 from router.model import HashingConfig, TinyAda, TinyAdaConfig, featurize
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class TrainConfig:
     static_from: str = ""
     static_dim: int = 64  # PCA components kept: 49152 x 64 x fp16 = 6.3 MB of the <= 10 MB artifact
     static_scale: float = 1.0  # weight of the (unit-norm) pooled embedding against the (unit-norm) n-grams
+    # linear: drug-lexicon features (HashingConfig.lexicon): "off", "names" (router/data/drugs.txt),
+    # "names+suffixes" (also words ending in DRUG_SUFFIXES)
+    drug_feature: str = "off"
     epochs: int = 16
     batch_size: int = 32
     lr: float = 0.05
@@ -64,6 +68,25 @@ class TrainConfig:
     val_fraction: float = 0.125  # used when no separate validation file is given
     feature_dropout: float = 0.5  # drop this share of a prompt's features per step: no single cue dominates
     seed: int = 0
+
+
+DRUG_FEATURES = ("off", "names", "names+suffixes")
+# Suffixes of drug-class stems (WHO INN stems): -mab antibodies, -pril ACE inhibitors, -olol beta blockers...
+DRUG_SUFFIXES = (
+    "mab", "pril", "olol", "statin", "azole", "cillin", "mycin", "prazole", "sartan", "tidine", "oxacin", "vir",
+)  # fmt: skip
+
+
+def drug_lexicon(mode: str) -> tuple[list[str], list[str]]:
+    """(names, suffixes) for HashingConfig.lexicon* under a drug_feature mode (names: drugs.txt's one-word entries)."""
+    if mode not in DRUG_FEATURES:
+        raise DataError(f"drug_feature must be one of {', '.join(DRUG_FEATURES)}, got {mode!r}")
+    if mode == "off":
+        return [], []
+    lines = (DATA_DIR / "drugs.txt").read_text().splitlines()
+    # featurize matches single \w+ words; a hyphenated entry ("retin-a") would never match whole
+    names = sorted({w.strip().lower() for w in lines if w.strip() and not w.startswith("#") and w.strip().isalnum()})
+    return names, list(DRUG_SUFFIXES) if mode == "names+suffixes" else []
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -212,7 +235,8 @@ def train_linear(
     cfg = config or TrainConfig()
     train, val, domains = _split_val(train, val, cfg)
     t0 = time.perf_counter()
-    hashing = HashingConfig(buckets=cfg.linear_buckets, punctuation=False)
+    names, suffixes = drug_lexicon(cfg.drug_feature)
+    hashing = HashingConfig(buckets=cfg.linear_buckets, punctuation=False, lexicon=names, lexicon_suffixes=suffixes)
     x = features([ex.text for ex in train], hashing)
     static = None
     if cfg.static_from:

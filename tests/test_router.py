@@ -368,3 +368,41 @@ def test_linear_model_with_static_embeddings(tmp_path: Path) -> None:
     assert np.array_equal(again._static_np[0], loaded._static_np[0])  # type: ignore[index]
     with pytest.raises(DataError, match=r"tokenizer\.json"):
         train_router(TOY, TOY, TrainConfig(kind="linear", static_from=str(tmp_path)), progress=False)
+
+
+def test_drug_lexicon_feature_generalises_to_unseen_drugs(tmp_path: Path) -> None:
+    from router.train import drug_lexicon
+
+    seen = ["lisinopril", "metoprolol", "warfarin", "ibuprofen", "sertraline", "omeprazole", "atorvastatin"]
+    unseen = "prochlorperazine"  # in router/data/drugs.txt, never in this training data
+    names, suffixes = drug_lexicon("names+suffixes")
+    assert unseen in names and all(d in names for d in seen) and "sartan" in suffixes
+    data = (
+        # the same words around a drug and a food: only the name (and the lexicon feature) tells them apart
+        [Example(f"tell me about {d} {i}", ["medical"]) for d in seen for i in range(4)]
+        + [Example(f"tell me about {f} {i}", ["general"]) for f in ["bread", "rice", "milk", "paris"] for i in range(7)]
+        + [Example(f"how do i sort a list in python {i}", ["code"]) for i in range(20)]
+    )
+    on, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, drug_feature="names+suffixes"), False)
+    off, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14), False)
+    h, h_off = on.config.hashing, off.config.hashing
+    extra = {
+        t: featurize(t, h)[len(featurize(t, h_off)) :]
+        for t in [f"what is {unseen}", "is zorbisartan safe", "what is the capital of france", "april loops in java"]
+    }
+    # the same shared "lexicon" id for an unseen listed name as for a seen one; suffix id for a made-up
+    # "-sartan"; nothing for ordinary text ("april" ends in -pril but its stem is too short)
+    assert extra[f"what is {unseen}"] == featurize("lisinopril", h)[len(featurize("lisinopril", h_off)) :]
+    assert len(extra["is zorbisartan safe"]) == 1 and extra["is zorbisartan safe"] != extra[f"what is {unseen}"]
+    assert extra["what is the capital of france"] == [] and extra["april loops in java"] == []
+    with pytest.raises(DataError, match="drug_feature"):
+        drug_lexicon("drugs")
+    # the feature makes the unseen drug medical; without it only its character n-grams speak for it
+    q = f"tell me about {unseen}"
+    assert on.score(q)["medical"] > 0.5 and on.score(q)["medical"] > off.score(q)["medical"] + 0.03
+    # the lexicon ships in the artifact: loading reproduces features and scores
+    on.save(tmp_path / "drug")
+    loaded = TinyAda.load(tmp_path / "drug")
+    assert loaded.config.hashing.lexicon == names and featurize(q, loaded.config.hashing) == featurize(q, h)
+    a, b = on.score(q), loaded.score(q)
+    assert all(abs(a[d] - b[d]) < 2e-3 for d in a)
