@@ -108,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "--drug-feature",
         choices=["off", "names", "names+suffixes"],
-        default="off",
+        default="names",
         help="linear: one shared feature for any drug name in router/data/drugs.txt (+ drug-stem suffixes)",
     )
     tr.set_defaults(func=cmd_train)

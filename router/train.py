@@ -57,8 +57,8 @@ class TrainConfig:
     static_dim: int = 64  # PCA components kept: 49152 x 64 x fp16 = 6.3 MB of the <= 10 MB artifact
     static_scale: float = 1.0  # weight of the (unit-norm) pooled embedding against the (unit-norm) n-grams
     # linear: drug-lexicon features (HashingConfig.lexicon): "off", "names" (router/data/drugs.txt),
-    # "names+suffixes" (also words ending in DRUG_SUFFIXES)
-    drug_feature: str = "off"
+    # "names+suffixes" (also words ending in DRUG_SUFFIXES); "names" improved the dev score (docs/router-data.md)
+    drug_feature: str = "names"
     epochs: int = 16
     batch_size: int = 32
     lr: float = 0.05

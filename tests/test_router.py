@@ -384,7 +384,7 @@ def test_drug_lexicon_feature_generalises_to_unseen_drugs(tmp_path: Path) -> Non
         + [Example(f"how do i sort a list in python {i}", ["code"]) for i in range(20)]
     )
     on, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, drug_feature="names+suffixes"), False)
-    off, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14), False)
+    off, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, drug_feature="off"), False)
     h, h_off = on.config.hashing, off.config.hashing
     extra = {
         t: featurize(t, h)[len(featurize(t, h_off)) :]
