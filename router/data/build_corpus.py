@@ -454,7 +454,7 @@ SOURCES: list[Source] = [
         _jsonl_field("instruction"),
         "relabel",
         "Apache-2.0",
-        notes="only the 175 human-written seed tasks; human_eval/ is excluded (AlpacaEval holds it)",
+        notes="only the 175 human-written seed tasks; human_eval/ is excluded (an evaluation-only set holds it)",
     ),
     # ---- added in the second data round (docs/router-data.md)
     Source(
