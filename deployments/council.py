@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from deployments import metrics
 from deployments.config import GraphConfig
+from deployments.engines.base import content_text
 from deployments.protocol import Routing, Usage
 from router.model import TinyAda, shipped_router_path
 from router.policy import RoutingDecision, RoutingPolicy
@@ -153,13 +154,6 @@ def _record_specialist_usage(routing: Routing, answers: dict[str, dict]) -> None
             completion_tokens=a["completion_tokens"],
             total_tokens=a["prompt_tokens"] + a["completion_tokens"],
         )
-
-
-def content_text(content: str | list[dict[str, Any]]) -> str:
-    """A message's text: the string, or its text parts joined (image placeholders carry no text)."""
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
 def routing_text(payload: dict[str, Any]) -> str:

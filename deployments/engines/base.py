@@ -99,6 +99,13 @@ class StreamDelta:
     logprobs: list[dict[str, Any]] | None = None  # the tokens generated since the previous delta
 
 
+def content_text(content: str | Sequence[dict[str, Any]]) -> str:
+    """A message's text: the string, or its text parts joined (image parts carry no text)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
 def token_logprob(token: str, token_id: int, logprob: float, top: list[dict[str, Any]] | None = None) -> dict:
     """One generated token's log probability, JSON-able: {token, id, logprob, bytes, top_logprobs}."""
     return {

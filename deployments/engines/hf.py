@@ -32,6 +32,7 @@ from deployments.engines.base import (
     GenerationResult,
     SamplingParams,
     StreamDelta,
+    content_text,
     resolve_device,
     resolve_dtype,
 )
@@ -91,12 +92,6 @@ def load_tokenizer(config: EngineConfig, tok: PreTrainedTokenizerBase | None = N
     return tok
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
-
-
 def _image_parts(messages: Sequence[dict[str, Any]]) -> int:
     return sum(
         1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p.get("type") == "image"
@@ -130,7 +125,7 @@ def render_prompt(
         if request.images or _image_parts(request.messages):
             raise EngineInputError("this model does not accept images (its modalities are [text])")
         # Content parts with text only (the engine contract allows them) are plain text to a text model.
-        messages = [{**m, "content": _text_of(m["content"])} for m in request.messages]
+        messages = [{**m, "content": content_text(m["content"])} for m in request.messages]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
@@ -153,7 +148,7 @@ def _render_multimodal(processor: Any, tokenizer: PreTrainedTokenizerBase, reque
     # fails the forward of the whole prefill): the text may not contain the processor's image tokens.
     specials = [t for t in (getattr(processor, "image_token", None), getattr(processor, "video_token", None)) if t]
     for m in request.messages:
-        text = _text_of(m["content"])
+        text = content_text(m["content"])
         hit = next((t for t in specials if t in text), None)
         if hit is not None:
             raise EngineInputError(f"message text may not contain the model's image placeholder {hit!r}")
