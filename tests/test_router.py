@@ -540,3 +540,25 @@ def test_committed_disease_list_names_its_pinned_source() -> None:
 
     header = [line for line in (DATA_DIR / "diseases.txt").read_text().splitlines() if line.startswith("#")]
     assert f"{bd.REPO} @ {bd.COMMIT}" in header[2]  # the builder's pinned commit wrote this file
+
+
+def test_identifier_shape_features() -> None:
+    import zlib
+
+    from router.model import HashingConfig
+
+    on, off = HashingConfig(buckets=1 << 16, shapes=True), HashingConfig(buckets=1 << 16)
+    kind = {zlib.crc32(f"S {k}".encode()) % (1 << 16): k for k in ("camel", "snake", "dotted", "acronym")}
+    kind |= {zlib.crc32(f"S {k}".encode()) % (1 << 16): k for k in ("call", "path", "flag", "ext")}
+
+    def shapes(text: str) -> list[str]:
+        extra = featurize(text, on)[len(featurize(text, off)) :]
+        return sorted(kind[i] for i in extra)
+
+    # read before lower-casing: "NPE" and "getElementById" keep their shape
+    assert shapes("Fix NPE in getElementById") == ["acronym", "camel"]
+    assert shapes("call os.path.join(a, b) in main.py") == ["call", "dotted", "dotted", "ext"]
+    assert shapes("rm -rf /usr/local/bin and read max_chars") == ["flag", "path", "snake"]
+    # prose: a space before "(", one-letter "e.g.", no capitals inside words
+    assert shapes("What is the capital of France (e.g. for a quiz)?") == []
+    assert featurize("Fix NPE", off) == featurize("fix npe", off)  # off: case never matters

@@ -133,17 +133,17 @@ def firing_counts(names: Iterable[tuple[str, ...]], rows: list[tuple[str, list[s
     return counts
 
 
-def keep(name: tuple[str, ...], count: Counter, class_sizes: Counter) -> bool:
-    """False for a name that fires mostly outside medical prompts (rates per class, not raw counts)
-    or for initials without medical evidence."""
+def keep(name: tuple[str, ...], count: Counter, class_sizes: Counter, domain: str = "medical") -> bool:
+    """False for a name that fires mostly outside `domain`'s prompts (rates per class, not raw counts)
+    or for initials without evidence in that domain."""
     initials = len(name) == 1 and (len(name[0]) <= SHORT_CHARS or any(c.isdigit() for c in name[0]))
-    if initials and count["medical"] < SHORT_MEDICAL:
+    if initials and count[domain] < SHORT_MEDICAL:
         return False
-    outside = count["general"] + count["code"]
+    outside = sum(count[label] for label in class_sizes if label != domain)
     if outside < MIN_OUTSIDE:
         return True
-    rate = {label: count[label] / class_sizes[label] for label in ("medical", "general", "code")}
-    return rate["medical"] >= MEDICAL_SHARE * sum(rate.values())
+    rate = {label: count[label] / class_sizes[label] for label in class_sizes}
+    return rate[domain] >= MEDICAL_SHARE * sum(rate.values())
 
 
 def build(mirrors: Path, corpus_rows: list[tuple[str, list[str]]]) -> tuple[list[str], dict]:
