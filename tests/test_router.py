@@ -439,6 +439,7 @@ def test_disease_lexicon_feature_matches_names_and_generalises(tmp_path: Path) -
     assert extra("what causes takayasu arteritis") == hit
     assert extra("takayasu or arteritis") == []
     assert extra("a common cold, then a cold") == hit * 2
+    assert extra("what are the 3 types of migraines") == hit  # plurals are listed too
     assert extra("what is the capital of france") == [] and extra("fix npe when the cache is evicted") == []
     assert extra("can i sort all php arrays with pca") == []
     # the feature makes the unseen disease medical; without it only its character n-grams speak for it
@@ -523,11 +524,14 @@ def test_disease_lexicon_builder_is_deterministic_and_filters(tmp_path: Path, mo
     # synonym, obsolete term, non-symptom class or over-long name
     expected = ["scurvy", "gout", "takayasu arteritis", "castle disease", "podagra", "cranial arteritis", "gca"]
     expected += ["ataxia", "uncoordination"]
+    # names of up to 3 words also get the regular plural of their last word; "arteritis" ends in -s: none
+    expected += ["scurvies", "gouts", "castle diseases", "podagras", "ataxias", "uncoordinations"]
     assert names == sorted(expected)
     # "can" fires in general and code prompts: dropped by the measured filter; "castle disease" fires only
     # once outside medical: kept; "gout" and "gca" are short with medical evidence (2 prompts): kept; "als2" is not
     dropped = dict(stats["dropped"])
-    assert set(dropped) == {"can", "als2"} and dropped["can"] == {"code": 1, "general": 1, "medical": 1}
+    assert set(dropped) == {"can", "cans", "als2", "gcas"}
+    assert dropped["can"] == {"code": 1, "general": 1, "medical": 1}
     assert commit in paths[0].read_text().splitlines()[2]
     monkeypatch.setattr(bd, "SUBSETS", ["missing.obo"])
     with pytest.raises(bd.CorpusError, match=r"missing\.obo"):

@@ -46,6 +46,7 @@ SUBSETS = [
     )
 ]  # fmt: skip
 OUT = DATA_DIR / "diseases.txt"
+PLURAL_MAX_WORDS = 3  # names of up to 3 words also get their plural ("migraines", "tennis elbows"), filtered alike
 MAX_WORDS = 6  # longer names ("1-chloro-2,4-dinitrobenzene allergic contact dermatitis") never occur in prompts
 MIN_CHARS = 3  # one-word names shorter than this are initials ("ms", "ra") that mostly mean something else
 # The filter (see keep): a name is dropped when it fires in at least MIN_OUTSIDE general or code training
@@ -97,8 +98,19 @@ def _symptom_names(data: bytes) -> list[str]:
     return out
 
 
+def plural(word: str) -> str | None:
+    """The regular English plural of a name's last word, or None where it would be a guess."""
+    if not word.isalpha() or len(word) < MIN_CHARS or word.endswith("s"):
+        return None  # "diabetes", "herpes": already plural-looking
+    if word.endswith(("x", "z", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
 def ontology_names(get: Callable[[str], bytes]) -> dict[tuple[str, ...], str]:
-    """Every usable name as a word tuple, with the file it first came from."""
+    """Every usable name as a word tuple (and its plural, for short names), with the file it first came from."""
     found: dict[tuple[str, ...], str] = {}
     groups = [(LABELS, _tsv_labels(get(LABELS)))] + [(p, _obo_names(get(p))) for p in SUBSETS]
     groups.append((SYMPTOMS, _symptom_names(get(SYMPTOMS))))
@@ -110,6 +122,10 @@ def ontology_names(get: Callable[[str], bytes]) -> dict[tuple[str, ...], str]:
             if len(w) == 1 and len(w[0]) < MIN_CHARS:
                 continue
             found.setdefault(w, path)
+    for w, path in list(found.items()):
+        p = plural(w[-1]) if len(w) <= PLURAL_MAX_WORDS else None
+        if p:
+            found.setdefault((*w[:-1], p), f"{path} (plural)")
     return found
 
 
@@ -178,6 +194,7 @@ def _header() -> str:
 # Written by `python -m router.data.build_diseases --mirrors DIR`; do not edit by hand.
 # Source: {REPO} @ {COMMIT} ({LICENCE}, its LICENSE file): disease labels of {LABELS},
 # names and EXACT synonyms of src/ontology/releases/subsets/*.obo, symptom labels and exact synonyms of {SYMPTOMS}.
+# Names of up to {PLURAL_MAX_WORDS} words also get the regular plural of their last word ("migraines"), filtered alike.
 # Filters: lower case, words as the featuriser splits them (\\w+), at most {MAX_WORDS} words, one-word names of
 # {MIN_CHARS}+ characters; a name that fires in {MIN_OUTSIDE}+ general/code training prompts (corpus/train.jsonl.gz) and
 # has under {MEDICAL_SHARE:.0%} of its summed per-class firing rates in medical prompts is dropped; a one-word
