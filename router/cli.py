@@ -27,6 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             static_from=args.static_from,
             static_dim=args.static_dim,
             drug_feature=args.drug_feature,
+            **({"disease_feature": args.disease_feature} if args.disease_feature else {}),
         )
         model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
@@ -110,6 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["off", "names", "names+suffixes"],
         default="names",
         help="linear: one shared feature for any drug name in router/data/drugs.txt (+ drug-stem suffixes)",
+    )
+    tr.add_argument(
+        "--disease-feature",
+        choices=["off", "names"],
+        default=None,
+        help="linear: one shared feature for any disease/symptom name in router/data/diseases.txt "
+        "(default: TrainConfig's)",
     )
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")

@@ -1,31 +1,35 @@
 """Source-disjoint dev score: leave whole training sources out (one per domain per fold), never the held-out ones.
 
 Run: nice -n 10 python -m router.dev_eval [--c 16] [--drop-sources a,b] [--drug-feature names]
-     [--static-from DIR] [--static-scale 1]
+     [--disease-feature names] [--shapes] [--folds 1,2] [--static-from DIR] [--static-scale 1]
 Every modelling choice is made on this score; the held-out sources (router/data/SOURCES.md) are read
 only by the final bench. Each fold trains on train+val minus its three sources and reports top-1
 (argmax) accuracy on them. Two summaries: the mean over the first 12 left-out sources (the first
 round's folds, comparable across rounds) and over all 15 (the fifth fold leaves out sources of the
 second round: Python titles, patient chat questions, human-written instructions). --drop-sources
 removes sources from every fold's training (they are still scored when a fold leaves them out), which
-is how a corpus without the second round's sources is measured on the same folds.
+is how a corpus without the second round's sources is measured on the same folds. --folds runs a
+subset of the folds for quick screening only: a shipped choice is backed by the full run's means.
+--disease-list and --shapes-without are ablations (another disease names file; shape kinds left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from router.data import CORPUS_DIR
-from router.model import HashingConfig
+import router.model as model_module
+from router.data import CORPUS_DIR, read_entries
 from router.train import (
+    DISEASE_FEATURES,
     DRUG_FEATURES,
     TrainConfig,
-    drug_lexicon,
     features,
+    hashing_for,
     load_static,
     read_jsonl,
     source_weights,
@@ -52,17 +56,28 @@ def main() -> None:
     parser.add_argument("--source-power", type=float, default=TrainConfig.source_power)
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "none"])
     parser.add_argument("--drug-feature", default=TrainConfig.drug_feature, choices=DRUG_FEATURES)
+    parser.add_argument("--disease-feature", default=TrainConfig.disease_feature, choices=DISEASE_FEATURES)
+    parser.add_argument("--disease-list", type=Path, help="ablation: another names file for the disease feature")
+    parser.add_argument("--shapes", action="store_true", help="identifier-shape features (HashingConfig.shapes)")
+    parser.add_argument("--shapes-without", default="", help="ablation: comma-separated shape kinds left out")
+    parser.add_argument(
+        "--folds", default="", help="comma-separated fold numbers (1-5) to run, for quick screening (default: all)"
+    )
     parser.add_argument("--static-from", default="")
     parser.add_argument("--static-dim", type=int, default=TrainConfig.static_dim)
     parser.add_argument("--static-scale", type=float, default=TrainConfig.static_scale)
     args = parser.parse_args()
-    cfg = TrainConfig()
+    cfg = TrainConfig(drug_feature=args.drug_feature, disease_feature=args.disease_feature, shapes=args.shapes)
+    folds = [FOLDS[int(k) - 1] for k in args.folds.split(",") if k] or FOLDS
     data = read_jsonl(args.corpus / "train.jsonl.gz") + read_jsonl(args.corpus / "val.jsonl.gz")
     dropped = [s for s in args.drop_sources.split(",") if s]
     class_weight = None if args.class_weight == "none" else "balanced"
     domains = sorted({label for ex in data for label in ex.labels})
-    names, suffixes = drug_lexicon(args.drug_feature)
-    hashing = HashingConfig(buckets=cfg.linear_buckets, punctuation=False, lexicon=names, lexicon_suffixes=suffixes)
+    for kind in filter(None, args.shapes_without.split(",")):
+        del model_module._SHAPES[kind]  # ablation only: HashingConfig reads the kinds when it is built
+    hashing = hashing_for(cfg)
+    if args.disease_list:
+        hashing = dataclasses.replace(hashing, lexicons={"disease": read_entries(args.disease_list)})
     x = features([ex.text for ex in data], hashing)
     if args.static_from:
         table, tok = load_static(args.static_from, args.static_dim)
@@ -72,7 +87,7 @@ def main() -> None:
     y = targets(data, domains).numpy()
     src = np.array([ex.source for ex in data])
     acc = {}
-    for fold in FOLDS:
+    for fold in folds:
         tr = np.where(~np.isin(src, fold + dropped))[0]
         dev = np.where(np.isin(src, fold) & (y.sum(axis=1) == 1))[0]
         weight = np.where(y[tr].sum(axis=1) > 1, cfg.multi_label_weight, 1.0)

@@ -43,6 +43,14 @@ class HashingConfig:
     # counts like one it does. Stored in the artifact (a few kB) so scoring never depends on repo files.
     lexicon: list[str] = field(default_factory=list)
     lexicon_suffixes: list[str] = field(default_factory=list)
+    # Phrase lexicons, by feature name (e.g. "disease": router/data/diseases.txt): every occurrence of a
+    # listed name, one word or several ("scurvy", "spinocerebellar ataxia"), adds the one shared feature
+    # "L <name>", longest match first. Names are matched on the prompt's words (\w+ runs, lower case).
+    lexicons: dict[str, list[str]] = field(default_factory=dict)
+    # Identifier-shape features: each camelCase, snake_case, dotted.name, ALLCAPS acronym, call(), /path,
+    # --flag or file.ext in the prompt (read before lower-casing) adds the shared id of its shape, so
+    # project jargon ("Fix NPE in CacheManager.evict") looks like code even when its words were never seen.
+    shapes: bool = False
 
     def __post_init__(self) -> None:
         # set and tuple built once: featurize is on the hot path
@@ -50,6 +58,33 @@ class HashingConfig:
         self._suffixes = tuple(s.lower() for s in self.lexicon_suffixes)
         self._lexicon_id = zlib.crc32(b"L lexicon") % self.buckets
         self._suffix_id = zlib.crc32(b"L suffix") % self.buckets
+        # per lexicon: (feature id, {first word: name lengths, longest first}, {word tuples})
+        self._phrases: list[tuple[int, dict[str, tuple[int, ...]], frozenset[tuple[str, ...]]]] = []
+        for name in sorted(self.lexicons):
+            names = {tuple(_WORD.findall(unicodedata.normalize("NFKC", e).lower())) for e in self.lexicons[name]}
+            names.discard(())
+            lengths: dict[str, set[int]] = {}
+            for words in names:
+                lengths.setdefault(words[0], set()).add(len(words))
+            first = {w: tuple(sorted(ns, reverse=True)) for w, ns in lengths.items()}
+            self._phrases.append((zlib.crc32(b"L " + name.encode()) % self.buckets, first, frozenset(names)))
+        self._shape_ids = [(zlib.crc32(b"S " + k.encode()) % self.buckets, rx) for k, rx in _SHAPES.items()]
+
+
+# Written forms of identifiers and commands (HashingConfig.shapes), matched on the original-case prefix.
+_SHAPES = {
+    "camel": re.compile(r"\b[a-z]+[A-Z][A-Za-z0-9]*|\b[A-Z][a-z0-9]+[A-Z][A-Za-z0-9]*"),  # getElementById, ArrayList
+    "snake": re.compile(r"\b[A-Za-z_][A-Za-z0-9]*_[A-Za-z0-9_]+"),  # max_chars, __init__
+    "dotted": re.compile(r"\b[A-Za-z_]\w+\.[A-Za-z_]\w+"),  # os.path, Node.js, System.out ("e.g." has 1-letter parts)
+    "acronym": re.compile(r"\b[A-Z]{2,6}s?\b"),  # NPE, API, CLI (and HIV, USA: the learned weight decides)
+    "call": re.compile(r"\w\((?:[\w ,.'\"]*)\)"),  # foo(), f(x); "symptoms (fever)" has a space before "("
+    "path": re.compile(r"(?<![\w:/])/[A-Za-z_.][\w.-]*/|\b[A-Za-z]:\\\w"),  # /usr/bin/, C:\\Users
+    "flag": re.compile(r"(?<!\S)--?[A-Za-z][\w-]*"),  # -r, --force
+    "ext": re.compile(
+        r"\w\.(?:py|js|ts|jsx|tsx|java|cpp|hpp|c|h|cs|rb|go|rs|php|html|css|json|xml|ya?ml|sh|sql|jar|dll|exe|"
+        r"so|csv|txt|log|conf|ini|toml|lock|md)\b"
+    ),  # file.ext
+}
 
 
 _LEXICON_MIN_STEM = 3  # "-vir" on "vir" or "-mab" on "mab" alone is no drug name
@@ -57,7 +92,9 @@ _LEXICON_MIN_STEM = 3  # "-vir" on "vir" or "-mab" on "mab" alone is no drug nam
 
 def featurize(text: str, cfg: HashingConfig) -> list[int]:
     """Hashed feature ids of a prompt (duplicates kept: the bag is a mean, like fastText)."""
-    text = unicodedata.normalize("NFKC", text[: cfg.max_chars]).lower()
+    text = unicodedata.normalize("NFKC", text[: cfg.max_chars])
+    shape_ids = [i for i, rx in cfg._shape_ids for _ in rx.finditer(text)] if cfg.shapes else []
+    text = text.lower()
     tokens = (_TOKEN if cfg.punctuation else _WORD).findall(text)
     b = cfg.buckets
     ids = [zlib.crc32(b"w" + t.encode()) % b for t in tokens]
@@ -72,7 +109,25 @@ def featurize(text: str, cfg: HashingConfig) -> list[int]:
             ids += [zlib.crc32(w[i : i + n]) % b for i in range(len(w) - n + 1)]
     if cfg._lexicon_set or cfg._suffixes:
         ids += _lexicon_ids(tokens, cfg)
-    return ids
+    if cfg._phrases:
+        ids += _phrase_ids(tokens if not cfg.punctuation else [t for t in tokens if t[0].isalnum() or t[0] == "_"], cfg)
+    return ids + shape_ids
+
+
+def _phrase_ids(words: list[str], cfg: HashingConfig) -> list[int]:
+    """One id per occurrence of a phrase-lexicon name; a match consumes its words (longest match first)."""
+    out = []
+    for feature_id, first, names in cfg._phrases:
+        i, n = 0, len(words)
+        while i < n:
+            step = 1
+            for length in first.get(words[i], ()):
+                if i + length <= n and (length == 1 or tuple(words[i : i + length]) in names):
+                    out.append(feature_id)
+                    step = length
+                    break
+            i += step
+    return out
 
 
 def _lexicon_ids(tokens: list[str], cfg: HashingConfig) -> list[int]:

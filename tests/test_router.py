@@ -406,3 +406,163 @@ def test_drug_lexicon_feature_generalises_to_unseen_drugs(tmp_path: Path) -> Non
     assert loaded.config.hashing.lexicon == names and featurize(q, loaded.config.hashing) == featurize(q, h)
     a, b = on.score(q), loaded.score(q)
     assert all(abs(a[d] - b[d]) < 2e-3 for d in a)
+
+
+def test_disease_lexicon_feature_matches_names_and_generalises(tmp_path: Path) -> None:
+    from router.train import disease_lexicon
+
+    lexicon = disease_lexicon("names")["disease"]
+    listed = set(lexicon)
+    # one-word and multi-word ontology names are in the committed list; the measured filter took out
+    # names that are ordinary words in general and code prompts ("can", "all" and "php" are disease synonyms)
+    assert {"scurvy", "ataxia", "takayasu arteritis", "marfan syndrome"} <= listed
+    assert not {"can", "all", "php", "pca"} & listed
+    seen = ["gout", "asthma", "measles", "psoriasis", "marfan syndrome", "bell s palsy", "anemia"]
+    data = (
+        # the same words around a disease and a food: only the name (and the lexicon feature) tells them apart
+        [Example(f"tell me about {d} {i}", ["medical"]) for d in seen for i in range(4)]
+        + [Example(f"tell me about {f} {i}", ["general"]) for f in ["bread", "rice", "milk", "paris"] for i in range(7)]
+        + [Example(f"how do i sort a list in python {i}", ["code"]) for i in range(20)]
+    )
+    on, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, disease_feature="names"), False)
+    off, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, disease_feature="off"), False)
+    h, h_off = on.config.hashing, off.config.hashing
+
+    def extra(text: str) -> list[int]:
+        return featurize(text, h)[len(featurize(text, h_off)) :]
+
+    hit = extra("gout")
+    assert len(hit) == 1
+    # an unseen one-word name, an unseen two-word name whose words are not names alone, any case and
+    # punctuation: the same shared id as a seen name; longest match first ("common cold" counts once)
+    assert extra("Is SCURVY life-threatening?") == hit
+    assert extra("what causes takayasu arteritis") == hit
+    assert extra("takayasu or arteritis") == []
+    assert extra("a common cold, then a cold") == hit * 2
+    assert extra("what are the 3 types of migraines") == hit  # plurals are listed too
+    assert extra("what is the capital of france") == [] and extra("fix npe when the cache is evicted") == []
+    assert extra("can i sort all php arrays with pca") == []
+    # the feature makes the unseen disease medical; without it only its character n-grams speak for it
+    q = "tell me about scurvy"
+    assert on.score(q)["medical"] > 0.5 and on.score(q)["medical"] > off.score(q)["medical"] + 0.03
+    with pytest.raises(DataError, match="disease_feature"):
+        disease_lexicon("rare")
+    # the lexicon ships in the artifact: loading reproduces features and scores
+    on.save(tmp_path / "disease")
+    loaded = TinyAda.load(tmp_path / "disease")
+    assert loaded.config.hashing.lexicons == {"disease": lexicon}
+    assert featurize(q, loaded.config.hashing) == featurize(q, h)
+    a, b = on.score(q), loaded.score(q)
+    assert all(abs(a[d] - b[d]) < 2e-3 for d in a)
+
+
+def _fixture_ontology(root: Path) -> str:
+    """A tiny repo shaped like the Human Disease Ontology's (the files build_diseases reads); returns the commit."""
+    from router.data import build_diseases as bd
+
+    repo = root / "DiseaseOntology+HumanDiseaseOntology" / "repo"
+    (repo / "DOreports").mkdir(parents=True)
+    (repo / "LICENSE").write_text("Creative Commons Legal Code\n\nCC0 1.0 Universal\n")
+    labels = [
+        "scurvy",
+        "Gout",
+        "Takayasu arteritis",
+        "castle disease",
+        "can",
+        "allergic contact dermatitis caused by a nickel belt",
+    ]
+    (repo / bd.LABELS).write_text(
+        "id\tlabel\tsubClassOf\n" + "".join(f'"DOID:{i}"\t"{n}"\t"x"\n' for i, n in enumerate(labels))
+    )
+    subset = repo / "subset.obo"
+    subset.write_text(
+        'format-version: 1.2\n\n[Term]\nid: DOID:1\nname: gout\nsynonym: "podagra" EXACT []\n'
+        'synonym: "rich man\'s disease" RELATED []\n\n[Term]\nid: DOID:2\nname: old name\nis_obsolete: true\n\n'
+        '[Term]\nid: DOID:3\nname: cranial arteritis\nsynonym: "GCA" EXACT []\nsynonym: "ALS2" EXACT []\n'
+    )
+    symp = repo / bd.SYMPTOMS
+    symp.parent.mkdir(parents=True)
+    symp.write_text(
+        '<?xml version="1.0"?>\n<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+        'xmlns:owl="http://www.w3.org/2002/07/owl#" xmlns:rdfs="http://www.w3.org/2000/01/rdf-schema#" '
+        'xmlns:oboInOwl="http://www.geneontology.org/formats/oboInOwl#">\n'
+        "<owl:Class><oboInOwl:hasOBONamespace>symptoms</oboInOwl:hasOBONamespace><rdfs:label>ataxia</rdfs:label>"
+        "<oboInOwl:hasExactSynonym>uncoordination</oboInOwl:hasExactSynonym></owl:Class>\n"
+        "<owl:Class><rdfs:label>anatomy part</rdfs:label></owl:Class>\n</rdf:RDF>\n"
+    )
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "fixture")
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def test_disease_lexicon_builder_is_deterministic_and_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.data import build_diseases as bd
+
+    commit = _fixture_ontology(tmp_path / "mirrors")
+    monkeypatch.setattr(bd, "COMMIT", commit)
+    monkeypatch.setattr(bd, "SUBSETS", ["subset.obo"])
+    rows = (
+        [
+            ("my gout and podagra hurt", ["medical"]),
+            ("gout again", ["medical"]),
+            ("is ataxia curable", ["medical"]),
+            ("gca and gca", ["medical"]),
+            ("a gca flare", ["medical"]),
+        ]
+        + [("a castle disease? no, the castle in the castle town", ["general"])]
+        + [(f"visit the castle {i}", ["general"]) for i in range(3)]
+        + [("can i", ["code"]), ("how can i sort", ["general"]), ("can scurvy spread", ["medical"])]
+    )
+    paths = []
+    for out in ("a.txt", "b.txt"):
+        kept, stats = bd.build(tmp_path / "mirrors", rows)
+        paths.append(bd.write(kept, stats["dropped"], tmp_path / out))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    names = [line for line in paths[0].read_text().splitlines() if not line.startswith("#")]
+    # labels, EXACT synonyms and symptom names, lower-cased and split like the featuriser; no RELATED
+    # synonym, obsolete term, non-symptom class or over-long name
+    expected = ["scurvy", "gout", "takayasu arteritis", "castle disease", "podagra", "cranial arteritis", "gca"]
+    expected += ["ataxia", "uncoordination"]
+    # names of up to 3 words also get the regular plural of their last word; "arteritis" ends in -s: none
+    expected += ["scurvies", "gouts", "castle diseases", "podagras", "ataxias", "uncoordinations"]
+    assert names == sorted(expected)
+    # "can" fires in general and code prompts: dropped by the measured filter; "castle disease" fires only
+    # once outside medical: kept; "gout" and "gca" are short with medical evidence (2 prompts): kept; "als2" is not
+    dropped = dict(stats["dropped"])
+    assert set(dropped) == {"can", "cans", "als2", "gcas"}
+    assert dropped["can"] == {"code": 1, "general": 1, "medical": 1}
+    assert commit in paths[0].read_text().splitlines()[2]
+    monkeypatch.setattr(bd, "SUBSETS", ["missing.obo"])
+    with pytest.raises(bd.CorpusError, match=r"missing\.obo"):
+        bd.build(tmp_path / "mirrors", rows)
+
+
+def test_committed_disease_list_names_its_pinned_source() -> None:
+    from router.data import DATA_DIR
+    from router.data import build_diseases as bd
+
+    header = [line for line in (DATA_DIR / "diseases.txt").read_text().splitlines() if line.startswith("#")]
+    assert f"{bd.REPO} @ {bd.COMMIT}" in header[2]  # the builder's pinned commit wrote this file
+
+
+def test_identifier_shape_features() -> None:
+    import zlib
+
+    from router.model import HashingConfig
+
+    on, off = HashingConfig(buckets=1 << 16, shapes=True), HashingConfig(buckets=1 << 16)
+    kind = {zlib.crc32(f"S {k}".encode()) % (1 << 16): k for k in ("camel", "snake", "dotted", "acronym")}
+    kind |= {zlib.crc32(f"S {k}".encode()) % (1 << 16): k for k in ("call", "path", "flag", "ext")}
+
+    def shapes(text: str) -> list[str]:
+        extra = featurize(text, on)[len(featurize(text, off)) :]
+        return sorted(kind[i] for i in extra)
+
+    # read before lower-casing: "NPE" and "getElementById" keep their shape
+    assert shapes("Fix NPE in getElementById") == ["acronym", "camel"]
+    assert shapes("call os.path.join(a, b) in main.py") == ["call", "dotted", "dotted", "ext"]
+    assert shapes("rm -rf /usr/local/bin and read max_chars") == ["flag", "path", "snake"]
+    # prose: a space before "(", one-letter "e.g.", no capitals inside words
+    assert shapes("What is the capital of France (e.g. for a quiz)?") == []
+    assert featurize("Fix NPE", off) == featurize("fix npe", off)  # off: case never matters

@@ -11,5 +11,15 @@ def drug_names() -> list[str]:
 
     One list for both uses: the labelling rules (relabel.py) and the router's drug-name feature (train.py).
     """
-    lines = (DATA_DIR / "drugs.txt").read_text().splitlines()
+    return read_entries(DATA_DIR / "drugs.txt")
+
+
+def disease_names() -> list[str]:
+    """The entries of diseases.txt (disease, condition and symptom names; build_diseases.py writes it)."""
+    return read_entries(DATA_DIR / "diseases.txt")
+
+
+def read_entries(path: Path) -> list[str]:
+    """Non-blank, non-comment lines of a lexicon file, stripped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
     return [w.strip() for w in lines if w.strip() and not w.startswith("#")]
