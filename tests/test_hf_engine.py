@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from deployments.config import EngineConfig
 from deployments.engines.base import (
@@ -19,7 +24,7 @@ from deployments.engines.base import (
     safe_stream_prefix,
     truncate_at_stop,
 )
-from deployments.engines.hf import PLAIN_CHAT_TEMPLATE, HFEngine
+from deployments.engines.hf import PLAIN_CHAT_TEMPLATE, HFEngine, stream_interval
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
@@ -151,6 +156,78 @@ def test_stream_interval_merges_tokens_after_the_first(engine: HFEngine) -> None
     assert merged[0].text == every[0].text
     assert "".join(d.text for d in merged) == "".join(d.text for d in every) == engine.generate_sync(req).text
     assert merged[-1].completion_tokens == every[-1].completion_tokens
+
+
+def test_delta_budget_is_shared_by_the_replica_s_streams(engine: HFEngine) -> None:
+    """stream_deltas_per_s: with n rows streaming, each gets at most one delta per n / budget seconds (the first
+    at once), paced on the engine thread; the text is generate's. A step clock (1/64 s a step) makes it exact."""
+    req = chat("fever and cough", SamplingParams(temperature=0.0, max_new_tokens=40))
+    expected = engine.generate_sync(req)
+
+    async def streams(n: int) -> list[list]:
+        async def one() -> list:
+            return [d async for d in engine.stream(req)]
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+    u0 = engine.engine_stats()["deltas"]
+    unpaced = asyncio.run(streams(1))[0]
+    per_stream_unpaced = engine.engine_stats()["deltas"] - u0
+    saved, clock, ticks = engine.config, engine._clock, itertools.count()
+    engine._clock = lambda: next(ticks) / 64  # read once per decoding step (binary fractions: exact sums)
+    engine.config = saved.model_copy(update={"stream_deltas_per_s": 64.0})
+    try:
+        d0 = engine.engine_stats()["deltas"]
+        alone = asyncio.run(streams(1))  # 1 stream: 1/64 s = one step between deltas
+        d1 = engine.engine_stats()["deltas"]
+        four = asyncio.run(streams(4))  # 4 streams: 4/64 s = four steps between deltas
+        d2 = engine.engine_stats()["deltas"]
+    finally:
+        engine.config, engine._clock = saved, clock
+    n = expected.completion_tokens
+    assert n >= 24  # long enough for the pacing to show
+    for deltas in alone + four:
+        assert "".join(d.text for d in deltas) == expected.text
+        assert deltas[0].text == unpaced[0].text  # the first delta is not held back
+        assert deltas[-1].completion_tokens == n and deltas[-1].finish_reason == expected.finish_reason
+    per_stream_alone, per_stream_four = d1 - d0, (d2 - d1) / 4
+    assert per_stream_alone == per_stream_unpaced >= n - 8  # alone: every step's text at once, as unpaced
+    assert per_stream_four <= n / 4 + 2  # four streams: one delta per four steps (+ the first and the last)
+    assert all(len(deltas) <= n / 4 + 2 for deltas in four)
+
+
+def test_stream_interval_and_priority_fields() -> None:
+    assert stream_interval(0.02, None, 8) == 0.02  # no budget: the fixed interval
+    assert stream_interval(0.02, 100, 1) == 0.02  # the budget never shortens it
+    assert stream_interval(0.02, 100, 8) == pytest.approx(0.08)
+    assert stream_interval(0.0, 100, 0) == 0.0
+    with pytest.raises(ValidationError, match="stream_deltas_per_s"):
+        EngineConfig(model="m", stream_deltas_per_s=0)
+    with pytest.raises(ValidationError, match="decode_thread_priority"):
+        EngineConfig(model="m", decode_thread_priority="low")
+
+
+def _policy(tid: int) -> int:
+    """A thread's scheduling policy, field 41 of /proc/self/task/TID/stat."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[38])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling policy is Linux's")
+def test_decode_thread_runs_under_sched_idle_when_asked(zoo: Path, engine: HFEngine) -> None:
+    idle = HFEngine(EngineConfig(model=str(zoo / "medical"), decode_thread_priority="idle"))
+    try:
+        r = idle.generate_sync(chat("hi", SamplingParams(temperature=0.0, max_new_tokens=3)))
+        assert r.completion_tokens >= 1
+        stats = idle.engine_stats()
+        tid = stats["decode_thread_id"]
+        assert tid != threading.get_native_id()
+        assert _policy(tid) == os.SCHED_IDLE and os.sched_getscheduler(tid) == os.SCHED_IDLE
+        assert stats["decode_thread_priority"] == "idle"
+        assert _policy(threading.get_native_id()) == os.SCHED_OTHER  # only that thread, not the process
+        assert _policy(engine.engine_stats()["decode_thread_id"]) == os.SCHED_OTHER  # the default: unchanged
+    finally:
+        idle.close()
 
 
 def test_stop_strings_cut_both_paths(engine: HFEngine) -> None:
