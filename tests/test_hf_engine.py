@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from deployments.engines.base import (
     EngineInputError,
     GenerationRequest,
     SamplingParams,
+    StreamDelta,
     safe_stream_prefix,
     truncate_at_stop,
 )
@@ -137,6 +138,27 @@ def test_stream_concatenates_to_generate(engine: HFEngine) -> None:
         assert last.finish_reason is not None and last.completion_tokens >= 1
 
 
+def deliveries(engine: HFEngine, req: GenerationRequest, n: int = 1) -> list[list]:
+    """What the engine hands each of n streams of req, item by item (its sink, no consumer-side merging).
+    All n are queued before the engine's next step (scheduling needs this lock): one prefill, side by side."""
+    got: list[list] = [[] for _ in range(n)]
+    done = [threading.Event() for _ in range(n)]
+
+    def sink_for(i: int) -> Callable[[StreamDelta | BaseException], None]:
+        def sink(item: StreamDelta | BaseException) -> None:
+            got[i].append(item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                done[i].set()
+
+        return sink
+
+    with engine._cond:
+        for i in range(n):
+            engine.submit(req, sink_for(i))
+    assert all(d.wait(120) for d in done)
+    return got
+
+
 def test_stream_interval_merges_tokens_after_the_first(engine: HFEngine) -> None:
     """stream_interval_s: the first delta at once, later tokens merged per interval; same text as generate."""
     req = chat("fever and cough", SamplingParams(temperature=0.0, max_new_tokens=24))
@@ -144,7 +166,7 @@ def test_stream_interval_merges_tokens_after_the_first(engine: HFEngine) -> None
     async def go() -> list:
         return [d async for d in engine.stream(req)]
 
-    every = asyncio.run(go())
+    every = deliveries(engine, req)[0]  # the engine's deliveries without an interval: one per token with text
     saved = engine.config
     engine.config = saved.model_copy(update={"stream_interval_s": 1.0})  # longer than the whole answer takes
     try:
@@ -163,25 +185,15 @@ def test_delta_budget_is_shared_by_the_replica_s_streams(engine: HFEngine) -> No
     at once), paced on the engine thread; the text is generate's. A step clock (1/64 s a step) makes it exact."""
     req = chat("fever and cough", SamplingParams(temperature=0.0, max_new_tokens=40))
     expected = engine.generate_sync(req)
-
-    async def streams(n: int) -> list[list]:
-        async def one() -> list:
-            return [d async for d in engine.stream(req)]
-
-        return list(await asyncio.gather(*(one() for _ in range(n))))
-
-    u0 = engine.engine_stats()["deltas"]
-    unpaced = asyncio.run(streams(1))[0]
-    per_stream_unpaced = engine.engine_stats()["deltas"] - u0
+    d0 = engine.engine_stats()["deltas"]
+    unpaced = deliveries(engine, req)[0]
+    assert engine.engine_stats()["deltas"] - d0 == len(unpaced)  # the counter counts deliveries
     saved, clock, ticks = engine.config, engine._clock, itertools.count()
     engine._clock = lambda: next(ticks) / 64  # read once per decoding step (binary fractions: exact sums)
     engine.config = saved.model_copy(update={"stream_deltas_per_s": 64.0})
     try:
-        d0 = engine.engine_stats()["deltas"]
-        alone = asyncio.run(streams(1))  # 1 stream: 1/64 s = one step between deltas
-        d1 = engine.engine_stats()["deltas"]
-        four = asyncio.run(streams(4))  # 4 streams: 4/64 s = four steps between deltas
-        d2 = engine.engine_stats()["deltas"]
+        alone = deliveries(engine, req)  # 1 stream: 1/64 s = one step between deltas
+        four = deliveries(engine, req, 4)  # 4 streams: 4/64 s = four steps between deltas
     finally:
         engine.config, engine._clock = saved, clock
     n = expected.completion_tokens
@@ -190,10 +202,17 @@ def test_delta_budget_is_shared_by_the_replica_s_streams(engine: HFEngine) -> No
         assert "".join(d.text for d in deltas) == expected.text
         assert deltas[0].text == unpaced[0].text  # the first delta is not held back
         assert deltas[-1].completion_tokens == n and deltas[-1].finish_reason == expected.finish_reason
-    per_stream_alone, per_stream_four = d1 - d0, (d2 - d1) / 4
-    assert per_stream_alone == per_stream_unpaced >= n - 8  # alone: every step's text at once, as unpaced
-    assert per_stream_four <= n / 4 + 2  # four streams: one delta per four steps (+ the first and the last)
-    assert all(len(deltas) <= n / 4 + 2 for deltas in four)
+    assert len(alone[0]) == len(unpaced) >= n - 8  # alone: every step's text at once, as without a budget
+    assert all(len(deltas) <= n / 4 + 2 for deltas in four)  # one per four steps (+ the first and the last)
+
+    async def consumed() -> str:  # the async side joins the same text
+        return "".join([d.text async for d in engine.stream(req)])
+
+    engine.config = saved.model_copy(update={"stream_deltas_per_s": 64.0})
+    try:
+        assert asyncio.run(consumed()) == expected.text
+    finally:
+        engine.config = saved
 
 
 def test_stream_interval_and_priority_fields() -> None:
