@@ -181,8 +181,8 @@ class EngineConfig(_Strict):
         gt=0,
         le=100000,
         description="HF engine: a budget of stream deltas per second for the whole replica; with n rows streaming, "
-        "each stream's interval is at least n / this (the first delta still at once), so the chunks through Serve "
-        "and HTTP stay bounded however many streams run. None: no budget (stream_interval_s alone).",
+        "each stream's interval is at least n / this (at most 1 s; the first delta still at once), so the chunks "
+        "through Serve and HTTP stay bounded however many streams run. None: no budget (stream_interval_s alone).",
     )
     decode_thread_priority: Literal["normal", "idle"] = Field(
         "normal",

@@ -220,6 +220,7 @@ def test_stream_interval_and_priority_fields() -> None:
     assert stream_interval(0.02, 100, 1) == 0.02  # the budget never shortens it
     assert stream_interval(0.02, 100, 8) == pytest.approx(0.08)
     assert stream_interval(0.0, 100, 0) == 0.0
+    assert stream_interval(0.02, 100, 1000) == 1.0  # capped: a stream never looks stalled for the budget
     with pytest.raises(ValidationError, match="stream_deltas_per_s"):
         EngineConfig(model="m", stream_deltas_per_s=0)
     with pytest.raises(ValidationError, match="decode_thread_priority"):

@@ -205,13 +205,16 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -
     return frozenset(int(i) for i in ids)
 
 
+MAX_BUDGET_INTERVAL_S = 1.0  # the budget never spaces deltas further apart (stall timeouts are seconds)
+
+
 def stream_interval(base_s: float, deltas_per_s: float | None, streaming_rows: int) -> float:
     """Seconds between two deltas of one stream: at least `base_s`, and with a replica budget of
-    `deltas_per_s` shared by `streaming_rows` streams, at least streaming_rows / deltas_per_s, so the
-    replica's total delta rate stays bounded however many streams it runs."""
+    `deltas_per_s` shared by `streaming_rows` streams, at least streaming_rows / deltas_per_s (at most
+    MAX_BUDGET_INTERVAL_S), so the replica's total delta rate stays bounded however many streams it runs."""
     if not deltas_per_s or streaming_rows <= 0:
         return base_s
-    return max(base_s, streaming_rows / deltas_per_s)
+    return max(base_s, min(streaming_rows / deltas_per_s, MAX_BUDGET_INTERVAL_S))
 
 
 def set_thread_priority(priority: str) -> str:
