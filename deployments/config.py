@@ -176,6 +176,21 @@ class EngineConfig(_Strict):
         description="HF engine streams: after the first delta, at most one delta per this interval (the tokens "
         "in between merged); fewer chunks through Serve and HTTP per stream. 0: every token at once.",
     )
+    stream_deltas_per_s: float | None = Field(
+        None,
+        gt=0,
+        le=100000,
+        description="HF engine: a budget of stream deltas per second for the whole replica; with n rows streaming, "
+        "each stream's interval is at least n / this (at most 1 s; the first delta still at once), so the chunks "
+        "through Serve and HTTP stay bounded however many streams run. None: no budget (stream_interval_s alone).",
+    )
+    decode_thread_priority: Literal["normal", "idle"] = Field(
+        "normal",
+        description="HF engine on CPU: 'idle' runs the decoding thread (and the torch/OpenMP threads it starts) "
+        "under Linux SCHED_IDLE, so the replica's event loop, the router and Serve's proxy (refusals, stream "
+        "chunks) run before it whenever they want a core; decoding uses what is left. 'normal': as any thread. "
+        "Not nice levels: Ray starts its workers at niceness 15 already, leaving a nice value little room.",
+    )
 
     @field_validator("adapters")
     @classmethod

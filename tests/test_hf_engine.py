@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from deployments.config import EngineConfig
 from deployments.engines.base import (
@@ -16,10 +21,11 @@ from deployments.engines.base import (
     EngineInputError,
     GenerationRequest,
     SamplingParams,
+    StreamDelta,
     safe_stream_prefix,
     truncate_at_stop,
 )
-from deployments.engines.hf import PLAIN_CHAT_TEMPLATE, HFEngine
+from deployments.engines.hf import PLAIN_CHAT_TEMPLATE, HFEngine, stream_interval
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
@@ -132,6 +138,27 @@ def test_stream_concatenates_to_generate(engine: HFEngine) -> None:
         assert last.finish_reason is not None and last.completion_tokens >= 1
 
 
+def deliveries(engine: HFEngine, req: GenerationRequest, n: int = 1) -> list[list]:
+    """What the engine hands each of n streams of req, item by item (its sink, no consumer-side merging).
+    All n are queued before the engine's next step (scheduling needs this lock): one prefill, side by side."""
+    got: list[list] = [[] for _ in range(n)]
+    done = [threading.Event() for _ in range(n)]
+
+    def sink_for(i: int) -> Callable[[StreamDelta | BaseException], None]:
+        def sink(item: StreamDelta | BaseException) -> None:
+            got[i].append(item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                done[i].set()
+
+        return sink
+
+    with engine._cond:
+        for i in range(n):
+            engine.submit(req, sink_for(i))
+    assert all(d.wait(120) for d in done)
+    return got
+
+
 def test_stream_interval_merges_tokens_after_the_first(engine: HFEngine) -> None:
     """stream_interval_s: the first delta at once, later tokens merged per interval; same text as generate."""
     req = chat("fever and cough", SamplingParams(temperature=0.0, max_new_tokens=24))
@@ -139,7 +166,7 @@ def test_stream_interval_merges_tokens_after_the_first(engine: HFEngine) -> None
     async def go() -> list:
         return [d async for d in engine.stream(req)]
 
-    every = asyncio.run(go())
+    every = deliveries(engine, req)[0]  # the engine's deliveries without an interval: one per token with text
     saved = engine.config
     engine.config = saved.model_copy(update={"stream_interval_s": 1.0})  # longer than the whole answer takes
     try:
@@ -151,6 +178,76 @@ def test_stream_interval_merges_tokens_after_the_first(engine: HFEngine) -> None
     assert merged[0].text == every[0].text
     assert "".join(d.text for d in merged) == "".join(d.text for d in every) == engine.generate_sync(req).text
     assert merged[-1].completion_tokens == every[-1].completion_tokens
+
+
+def test_delta_budget_is_shared_by_the_replica_s_streams(engine: HFEngine) -> None:
+    """stream_deltas_per_s: with n rows streaming, each gets at most one delta per n / budget seconds (the first
+    at once), paced on the engine thread; the text is generate's. A step clock (1/64 s a step) makes it exact."""
+    req = chat("fever and cough", SamplingParams(temperature=0.0, max_new_tokens=40))
+    expected = engine.generate_sync(req)
+    d0 = engine.engine_stats()["deltas"]
+    unpaced = deliveries(engine, req)[0]
+    assert engine.engine_stats()["deltas"] - d0 == len(unpaced)  # the counter counts deliveries
+    saved, clock, ticks = engine.config, engine._clock, itertools.count()
+    engine._clock = lambda: next(ticks) / 64  # read once per decoding step (binary fractions: exact sums)
+    engine.config = saved.model_copy(update={"stream_deltas_per_s": 64.0})
+    try:
+        alone = deliveries(engine, req)  # 1 stream: 1/64 s = one step between deltas
+        four = deliveries(engine, req, 4)  # 4 streams: 4/64 s = four steps between deltas
+    finally:
+        engine.config, engine._clock = saved, clock
+    n = expected.completion_tokens
+    assert n >= 24  # long enough for the pacing to show
+    for deltas in alone + four:
+        assert "".join(d.text for d in deltas) == expected.text
+        assert deltas[0].text == unpaced[0].text  # the first delta is not held back
+        assert deltas[-1].completion_tokens == n and deltas[-1].finish_reason == expected.finish_reason
+    assert len(alone[0]) == len(unpaced) >= n - 8  # alone: every step's text at once, as without a budget
+    assert all(len(deltas) <= n / 4 + 2 for deltas in four)  # one per four steps (+ the first and the last)
+
+    async def consumed() -> str:  # the async side joins the same text
+        return "".join([d.text async for d in engine.stream(req)])
+
+    engine.config = saved.model_copy(update={"stream_deltas_per_s": 64.0})
+    try:
+        assert asyncio.run(consumed()) == expected.text
+    finally:
+        engine.config = saved
+
+
+def test_stream_interval_and_priority_fields() -> None:
+    assert stream_interval(0.02, None, 8) == 0.02  # no budget: the fixed interval
+    assert stream_interval(0.02, 100, 1) == 0.02  # the budget never shortens it
+    assert stream_interval(0.02, 100, 8) == pytest.approx(0.08)
+    assert stream_interval(0.0, 100, 0) == 0.0
+    assert stream_interval(0.02, 100, 1000) == 1.0  # capped: a stream never looks stalled for the budget
+    with pytest.raises(ValidationError, match="stream_deltas_per_s"):
+        EngineConfig(model="m", stream_deltas_per_s=0)
+    with pytest.raises(ValidationError, match="decode_thread_priority"):
+        EngineConfig(model="m", decode_thread_priority="low")
+
+
+def _policy(tid: int) -> int:
+    """A thread's scheduling policy, field 41 of /proc/self/task/TID/stat."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[38])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling policy is Linux's")
+def test_decode_thread_runs_under_sched_idle_when_asked(zoo: Path, engine: HFEngine) -> None:
+    idle = HFEngine(EngineConfig(model=str(zoo / "medical"), decode_thread_priority="idle"))
+    try:
+        r = idle.generate_sync(chat("hi", SamplingParams(temperature=0.0, max_new_tokens=3)))
+        assert r.completion_tokens >= 1
+        stats = idle.engine_stats()
+        tid = stats["decode_thread_id"]
+        assert tid != threading.get_native_id()
+        assert _policy(tid) == os.SCHED_IDLE and os.sched_getscheduler(tid) == os.SCHED_IDLE
+        assert stats["decode_thread_priority"] == "idle"
+        assert _policy(threading.get_native_id()) == os.SCHED_OTHER  # only that thread, not the process
+        assert _policy(engine.engine_stats()["decode_thread_id"]) == os.SCHED_OTHER  # the default: unchanged
+    finally:
+        idle.close()
 
 
 def test_stop_strings_cut_both_paths(engine: HFEngine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
+import os
 import queue
 import threading
 import time
@@ -205,6 +205,36 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -
     return frozenset(int(i) for i in ids)
 
 
+MAX_BUDGET_INTERVAL_S = 1.0  # the budget never spaces deltas further apart (stall timeouts are seconds)
+
+
+def stream_interval(base_s: float, deltas_per_s: float | None, streaming_rows: int) -> float:
+    """Seconds between two deltas of one stream: at least `base_s`, and with a replica budget of
+    `deltas_per_s` shared by `streaming_rows` streams, at least streaming_rows / deltas_per_s (at most
+    MAX_BUDGET_INTERVAL_S), so the replica's total delta rate stays bounded however many streams it runs."""
+    if not deltas_per_s or streaming_rows <= 0:
+        return base_s
+    return max(base_s, min(streaming_rows / deltas_per_s, MAX_BUDGET_INTERVAL_S))
+
+
+def set_thread_priority(priority: str) -> str:
+    """Put the calling thread under `priority` ('idle': Linux SCHED_IDLE; 'normal': unchanged) and return
+    the policy read back ('idle', 'normal', or 'normal' where the system does not have SCHED_IDLE).
+
+    Linux keeps the policy per thread and threads started from this one (torch's OpenMP workers for
+    its parallel regions) inherit it; the rest of the process keeps its own.
+    """
+    idle = getattr(os, "SCHED_IDLE", None)
+    if priority == "idle" and idle is not None:
+        try:
+            os.sched_setscheduler(0, idle, os.sched_param(0))  # 0: the calling thread
+        except OSError as err:  # a sandbox that forbids it: decoding still runs, at normal priority
+            logger.warning("could not put the decoding thread under SCHED_IDLE: %s", err)
+    if idle is not None and os.sched_getscheduler(0) == idle:
+        return "idle"
+    return "normal"
+
+
 Sink = Callable[[StreamDelta | BaseException], None]
 
 
@@ -221,6 +251,7 @@ class _Row:
     image_inputs: dict[str, torch.Tensor] | None = None  # pixel_values (and friends) for the prefill only
     pending_text: str = ""
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    next_delta_at: float = 0.0  # streams: monotonic time before which new text is held back (0: the first at once)
 
 
 class _Batch:
@@ -287,6 +318,9 @@ class EngineStats:
     max_steps_after_cancel: int = 0  # forwards a cancelled row still took part in (0 or 1 by design)
     errors: int = 0
     busy_s: float = 0.0  # wall time spent inside steps (idle waiting excluded)
+    deltas: int = 0  # stream deltas handed to consumers (each one a wake-up of the caller's loop and a hop out)
+    decode_thread_id: int | None = None  # the decoding thread's native id (Linux TID), set when it starts
+    decode_thread_priority: str | None = None  # its scheduling policy as read back: "idle" or "normal"
 
     def snapshot(self, running: int, waiting: int) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "batch_sizes"}
@@ -323,6 +357,10 @@ class HFEngine:
         self.stats = EngineStats()
         self._batch: _Batch | None = None
         self._structured: Any = None  # the StructuredCompiler, built on the first constrained request
+        self._load = (-1, -1)  # (running, waiting) last reported to the gauges
+        self._delta_interval = config.stream_interval_s  # this step's interval between two deltas of a stream
+        self._now = 0.0  # monotonic time of this step's emission
+        self._clock: Callable[[], float] = time.monotonic  # paces stream deltas (tests give it a step clock)
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="hf-engine", daemon=True)
@@ -411,6 +449,11 @@ class HFEngine:
     # ---- the decoding loop (engine thread) ----------------------------------------------------------
 
     def _loop(self) -> None:
+        # On a CPU box the decoding thread competes with the replica's event loop (which moves stream chunks
+        # and answers calls), the router and Serve's proxy: under SCHED_IDLE it yields to them at once and
+        # decodes on what they leave. On a GPU this thread mostly waits on the device.
+        self.stats.decode_thread_id = threading.get_native_id()
+        self.stats.decode_thread_priority = set_thread_priority(self.config.decode_thread_priority)
         while True:
             with self._cond:
                 while not self._closed and not self.scheduler.has_work:
@@ -474,6 +517,13 @@ class HFEngine:
                     self._batch = batch = joined
                 else:
                     batch.extend(joined)
+        # Streams share one budget of deltas per second on this replica: the more rows stream, the longer
+        # each one's interval (the first delta of a row still goes at once).
+        streaming = sum(1 for s, _, _ in results if s.payload.streamed)
+        self._delta_interval = stream_interval(
+            self.config.stream_interval_s, self.config.stream_deltas_per_s, streaming
+        )
+        self._now = self._clock()
         done = {s for s, t, lp in results if self._emit(s, t, lp)}
         if done and batch is not None:
             with self._cond:
@@ -483,7 +533,9 @@ class HFEngine:
             self.stats.finished += len(done)
         with self._cond:
             running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
-        metrics.engine_load(running, waiting)  # the batch-size and queue gauges (a no-op outside Serve)
+        if (running, waiting) != self._load:  # a gauge update costs ~0.1 ms of this thread: only on change
+            self._load = (running, waiting)
+            metrics.engine_load(running, waiting)  # the batch-size and queue gauges (a no-op outside Serve)
 
     def _forward(self, seqs: list[Seq], **kw: Any) -> Any:
         for s in seqs:
@@ -570,14 +622,20 @@ class HFEngine:
                 finish = "stop"
             elif seq.generated >= seq.max_new:
                 finish, text = "length", text + row.text.flush()
-        if finish is None and (not text or not row.streamed):
-            row.pending_text += text  # held back (partial character, possible stop string) or not streamed
+        if finish is None and (not text or not row.streamed or self._now < row.next_delta_at):
+            # Held back: a partial character or possible stop string, a non-streamed row (one delivery at
+            # the end), or a stream whose next delta is not due yet. Holding it here, on this thread, means
+            # one wake-up of the caller's loop per delta instead of one per token.
+            row.pending_text += text
             return False
         text, row.pending_text = row.pending_text + text, ""
         lps, row.pending_logprobs = (row.pending_logprobs or None), []
         if finish is None:
+            row.next_delta_at = self._now + self._delta_interval
+            self.stats.deltas += 1
             self._deliver(seq, StreamDelta(text=text, logprobs=lps))
             return False
+        self.stats.deltas += row.streamed
         return self._deliver(
             seq,
             StreamDelta(
@@ -609,16 +667,12 @@ class HFEngine:
         """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        # The engine thread paces deltas (stream_interval_s, stream_deltas_per_s): it calls the sink once per
+        # delta, not once per token, so this loop wakes up only when there is something to send.
         seq = self.submit(request, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
-        interval, last = self.config.stream_interval_s, -math.inf
         try:
             while True:
                 items = [await q.get()]
-                wait = last + interval - loop.time()
-                if wait > 0 and not isinstance(items[0], BaseException) and items[0].finish_reason is None:
-                    # Every delta costs a hop through Serve's streaming, the ingress and HTTP; tokens that
-                    # come within the interval go as one. The first delta (time to first token) never waits.
-                    await asyncio.sleep(wait)
                 # A consumer that fell behind gets what piled up as one delta: fewer, larger chunks
                 # through Serve and HTTP under load, while an idle one still sees every token at once.
                 while not q.empty():
@@ -627,7 +681,6 @@ class HFEngine:
                     if isinstance(item, BaseException):
                         raise item
                 yield merge_deltas(items)
-                last = loop.time()
                 if items[-1].finish_reason is not None:
                     return
         finally:
