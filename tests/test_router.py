@@ -370,6 +370,15 @@ def test_linear_model_with_static_embeddings(tmp_path: Path) -> None:
         train_router(TOY, TOY, TrainConfig(kind="linear", static_from=str(tmp_path)), progress=False)
 
 
+def _lexicon_toy_data(medical_names: list[str]) -> list[Example]:
+    """The same words around a medical name and a food: only the name (and a lexicon feature) tells them apart."""
+    return (
+        [Example(f"tell me about {d} {i}", ["medical"]) for d in medical_names for i in range(4)]
+        + [Example(f"tell me about {f} {i}", ["general"]) for f in ["bread", "rice", "milk", "paris"] for i in range(7)]
+        + [Example(f"how do i sort a list in python {i}", ["code"]) for i in range(20)]
+    )
+
+
 def test_drug_lexicon_feature_generalises_to_unseen_drugs(tmp_path: Path) -> None:
     from router.train import drug_lexicon
 
@@ -377,12 +386,7 @@ def test_drug_lexicon_feature_generalises_to_unseen_drugs(tmp_path: Path) -> Non
     unseen = "prochlorperazine"  # in router/data/drugs.txt, never in this training data
     names, suffixes = drug_lexicon("names+suffixes")
     assert unseen in names and all(d in names for d in seen) and "sartan" in suffixes
-    data = (
-        # the same words around a drug and a food: only the name (and the lexicon feature) tells them apart
-        [Example(f"tell me about {d} {i}", ["medical"]) for d in seen for i in range(4)]
-        + [Example(f"tell me about {f} {i}", ["general"]) for f in ["bread", "rice", "milk", "paris"] for i in range(7)]
-        + [Example(f"how do i sort a list in python {i}", ["code"]) for i in range(20)]
-    )
+    data = _lexicon_toy_data(seen)
     on, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, drug_feature="names+suffixes"), False)
     off, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, drug_feature="off"), False)
     h, h_off = on.config.hashing, off.config.hashing
@@ -418,12 +422,7 @@ def test_disease_lexicon_feature_matches_names_and_generalises(tmp_path: Path) -
     assert {"scurvy", "ataxia", "takayasu arteritis", "marfan syndrome"} <= listed
     assert not {"can", "all", "php", "pca"} & listed
     seen = ["gout", "asthma", "measles", "psoriasis", "marfan syndrome", "bell s palsy", "anemia"]
-    data = (
-        # the same words around a disease and a food: only the name (and the lexicon feature) tells them apart
-        [Example(f"tell me about {d} {i}", ["medical"]) for d in seen for i in range(4)]
-        + [Example(f"tell me about {f} {i}", ["general"]) for f in ["bread", "rice", "milk", "paris"] for i in range(7)]
-        + [Example(f"how do i sort a list in python {i}", ["code"]) for i in range(20)]
-    )
+    data = _lexicon_toy_data(seen)
     on, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, disease_feature="names"), False)
     off, _ = train_router(data, data, TrainConfig(linear_buckets=1 << 14, disease_feature="off"), False)
     h, h_off = on.config.hashing, off.config.hashing
