@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib
 import logging
 from collections.abc import AsyncIterator
@@ -93,11 +92,9 @@ class SpecialistGroup:
         """The engine request, or an error result when the payload is a client mistake."""
         try:
             request = self.to_request(payload)
-            render = getattr(self.engine, "render", None)
-            if render is not None:
-                # Tokenise now, once: a too-long prompt must not fail a whole batch later.
-                request = dataclasses.replace(request, prompt_ids=tuple(render(request)))
-            return request
+            # Tokenise (and process images) now, once: a too-long prompt must not fail a whole batch later.
+            prepare = getattr(self.engine, "prepare", None)
+            return prepare(request) if prepare is not None else request
         except (EngineInputError, ValueError) as err:
             return error_result("invalid_request", str(err))
 

@@ -5,6 +5,7 @@ and test_hostile.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -333,21 +334,23 @@ def test_a_failing_prefill_fails_its_rows_only(vlm) -> None:
     long_req = tchat("tell me everything", SamplingParams(temperature=0.0, max_new_tokens=20))
     expected = vlm.generate_sync(long_req).text
     broken = vchat("what is this?", image(RED))
-    original = vlm._image_inputs
+    original = vlm.prepare
 
-    def wrong_size(request: GenerationRequest):
+    def wrong_size(request: GenerationRequest) -> GenerationRequest:
         out = original(request)
-        return None if out is None else {"pixel_values": torch.zeros(1, 3, 48, 48)}
+        if out.image_inputs is None:
+            return out
+        return dataclasses.replace(out, image_inputs={"pixel_values": torch.zeros(1, 3, 48, 48)})
 
     async def go():
         stream = vlm.stream(long_req)
         first = await stream.__anext__()
-        vlm._image_inputs = wrong_size
+        vlm.prepare = wrong_size
         try:
             failed = asyncio.ensure_future(vlm.generate(broken))
             rest = [d async for d in stream]
         finally:
-            vlm._image_inputs = original
+            vlm.prepare = original
         with pytest.raises(Exception):  # noqa: B017 - whatever the model raises reaches this row's caller
             await failed
         return "".join(d.text for d in [first, *rest])

@@ -70,6 +70,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...] | None = None  # already rendered by the serving engine (tokenise once)
     logits_processor: LogitsProcessor | None = field(default=None, compare=False)  # in-process only
     images: tuple[Any, ...] = ()  # PIL.Image.Image in RGB, one per {"type": "image"} part
+    # The model's processed image inputs (HF: pixel_values and friends), set with prompt_ids by the engine
+    # that rendered the request, so the images are processed once.
+    image_inputs: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -106,26 +107,40 @@ def render_prompt(
     *,
     unexpanded_image_parts: bool = False,
 ) -> list[int]:
-    """Prompt token ids, shared by every engine: chat template for messages, raw text for completions.
+    """Prompt token ids, shared by every engine (see render_prompt_and_images)."""
+    return render_prompt_and_images(
+        tokenizer, request, max_prompt_tokens, processor, unexpanded_image_parts=unexpanded_image_parts
+    )[0]
+
+
+def render_prompt_and_images(
+    tokenizer: PreTrainedTokenizerBase,
+    request: GenerationRequest,
+    max_prompt_tokens: int,
+    processor: Any = None,
+    *,
+    unexpanded_image_parts: bool = False,
+) -> tuple[list[int], dict[str, torch.Tensor] | None]:
+    """Prompt token ids (chat template for messages, raw text for completions) and the model's image inputs.
 
     With a processor (HF image-text-to-text models), messages render through its chat template as
-    content parts and each image placeholder expands to the model's image tokens. With
-    `unexpanded_image_parts` (vLLM, which expands placeholders itself), content parts go through the
-    tokenizer's template as they are, so each image part leaves one unexpanded placeholder; the caller
-    checks the counts.
+    content parts, each image placeholder expands to the model's image tokens, and the processor's
+    pixel inputs come back with the ids (None without images). With `unexpanded_image_parts` (vLLM,
+    which expands placeholders itself), content parts go through the tokenizer's template as they are,
+    so each image part leaves one unexpanded placeholder; the caller checks the counts.
     """
     if request.prompt_ids is not None:
-        return list(request.prompt_ids)
+        return list(request.prompt_ids), request.image_inputs
+    image_inputs = None
     if request.messages is not None and processor is not None:
-        ids = _render_multimodal(processor, tokenizer, request)
-    elif request.messages is not None and unexpanded_image_parts:
-        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, image_inputs = _render_multimodal(processor, tokenizer, request)
     elif request.messages is not None:
-        if request.images or _image_parts(request.messages):
-            raise EngineInputError("this model does not accept images (its modalities are [text])")
-        # Content parts with text only (the engine contract allows them) are plain text to a text model.
-        messages = [{**m, "content": content_text(m["content"])} for m in request.messages]
+        messages = list(request.messages)
+        if not unexpanded_image_parts:
+            if request.images or _image_parts(messages):
+                raise EngineInputError("this model does not accept images (its modalities are [text])")
+            # Content parts with text only (the engine contract allows them) are plain text to a text model.
+            messages = [{**m, "content": content_text(m["content"])} for m in messages]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
@@ -136,10 +151,12 @@ def render_prompt(
         raise EngineInputError("the prompt is empty after tokenization")
     if len(ids) > max_prompt_tokens:
         raise EngineInputError(f"the prompt is {len(ids)} tokens; this model accepts at most {max_prompt_tokens}")
-    return ids
+    return ids, image_inputs
 
 
-def _render_multimodal(processor: Any, tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
+def _render_multimodal(
+    processor: Any, tokenizer: PreTrainedTokenizerBase, request: GenerationRequest
+) -> tuple[list[int], dict[str, torch.Tensor] | None]:
     assert request.messages is not None
     n_parts = _image_parts(request.messages)
     if n_parts != len(request.images):
@@ -159,12 +176,16 @@ def _render_multimodal(processor: Any, tokenizer: PreTrainedTokenizerBase, reque
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if not request.images:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False)["input_ids"], None
     try:
-        out = processor(text=[text], images=list(request.images), add_special_tokens=False)
+        out = processor(text=[text], images=list(request.images), add_special_tokens=False, return_tensors="pt")
     except (ValueError, TypeError) as err:
         raise EngineInputError(f"the images could not be prepared for this model: {str(err)[:200]}") from None
-    return list(out["input_ids"][0])
+    # One processor call gives both: the expanded ids, and the pixel inputs (pixel_values, and image_sizes
+    # etc. where the model has them) that the prefill needs; the tokenizer's own outputs are not image inputs.
+    text_keys = set(tokenizer.model_input_names)
+    images = {k: v for k, v in out.items() if k not in text_keys and isinstance(v, torch.Tensor)}
+    return out["input_ids"][0].tolist(), images
 
 
 def load_causal_lm(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -381,16 +402,18 @@ class HFEngine:
 
     def render(self, request: GenerationRequest) -> list[int]:
         """Token ids of the prompt: chat template for messages, raw text for completions."""
-        return render_prompt(self.tokenizer, request, self.max_prompt_tokens, self.processor)
+        return list(self.prepare(request).prompt_ids or ())
 
-    def _image_inputs(self, request: GenerationRequest) -> dict[str, torch.Tensor] | None:
-        """The model's image inputs for one request (pixel_values, and image_sizes etc. where the model has them)."""
-        if not request.images:
-            return None
-        if self.processor is None:
-            raise EngineInputError("this model does not accept images (its modalities are [text])")
-        out = self.processor.image_processor(list(request.images), return_tensors="pt")
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The request rendered once: its prompt ids and, with images, the model's pixel inputs (the image
+        processor runs here, once, where the caller chose to run it: the specialist does it off its loop)."""
+        if request.prompt_ids is not None and (request.image_inputs is not None or not request.images):
+            return request
+        # prompt_ids without the images' pixel inputs: render from the messages again, images included.
+        ids, image_inputs = render_prompt_and_images(
+            self.tokenizer, dataclasses.replace(request, prompt_ids=None), self.max_prompt_tokens, self.processor
+        )
+        return dataclasses.replace(request, prompt_ids=tuple(ids), image_inputs=image_inputs)
 
     def _max_new(self, prompt_len: int, params: SamplingParams) -> int:
         # Clip to the context window rather than fail: the answer can still end with "length".
@@ -421,7 +444,8 @@ class HFEngine:
         any thread; the sink is called on the engine thread and must not block.
         """
         self._check_adapter(request.adapter)
-        ids = self.render(request)
+        request = self.prepare(request)
+        ids = list(request.prompt_ids or ())
         if self._closed:
             raise RuntimeError("engine is closed")
         processor = request.logits_processor
@@ -434,7 +458,7 @@ class HFEngine:
             sampler=RowSampler.create(request.params, self.device, processor),
             text=TextAssembler(self.tokenizer, request.params.stop),
             streamed=streamed,
-            image_inputs=self._image_inputs(request),
+            image_inputs=request.image_inputs,
         )
         seq = Seq(prompt_len=len(ids), max_new=self._max_new(len(ids), request.params), payload=row)
         with self._cond:

@@ -20,6 +20,7 @@ tokens. `vllm_prompt` checks the count before vLLM sees the request, so a mismat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import types
@@ -355,6 +356,12 @@ class VLLMEngine:
         return render_prompt(
             self.tokenizer, request, self.max_prompt_tokens, unexpanded_image_parts=self.placeholder is not None
         )
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its prompt ids rendered once (vLLM processes the images itself)."""
+        if request.prompt_ids is not None:
+            return request
+        return dataclasses.replace(request, prompt_ids=tuple(self.render(request)))
 
     def _submit(self, request: GenerationRequest, stream: bool) -> tuple[str, Any, list[int]]:
         ids = self.render(request)
