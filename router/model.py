@@ -22,6 +22,11 @@ _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+def phrase_words(text: str) -> tuple[str, ...]:
+    """A lexicon name's words as the featuriser matches them (NFKC, lower case, \\w+ runs)."""
+    return tuple(_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
+
+
 class RouterInputError(ValueError):
     """A prompt the router cannot score (empty or whitespace only)."""
 
@@ -61,7 +66,7 @@ class HashingConfig:
         # per lexicon: (feature id, {first word: name lengths, longest first}, {word tuples})
         self._phrases: list[tuple[int, dict[str, tuple[int, ...]], frozenset[tuple[str, ...]]]] = []
         for name in sorted(self.lexicons):
-            names = {tuple(_WORD.findall(unicodedata.normalize("NFKC", e).lower())) for e in self.lexicons[name]}
+            names = {phrase_words(e) for e in self.lexicons[name]}
             names.discard(())
             lengths: dict[str, set[int]] = {}
             for words in names:

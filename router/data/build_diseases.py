@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import re
-import unicodedata
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -29,6 +27,7 @@ from pathlib import Path
 
 from router.data import DATA_DIR
 from router.data.build_corpus import CorpusError, Source, git_reader
+from router.model import phrase_words
 
 REPO = "DiseaseOntology/HumanDiseaseOntology"
 COMMIT = "9fbefd6651b79526165453395d06c8fd4bfe4247"
@@ -58,15 +57,9 @@ MIN_OUTSIDE = 2
 MEDICAL_SHARE = 0.5
 SHORT_CHARS = 4
 SHORT_MEDICAL = 2
-_WORD = re.compile(r"\w+", re.UNICODE)
 _OWL = "{http://www.w3.org/2002/07/owl#}"
 _RDFS = "{http://www.w3.org/2000/01/rdf-schema#}"
 _OBO = "{http://www.geneontology.org/formats/oboInOwl#}"
-
-
-def words(text: str) -> tuple[str, ...]:
-    """A name's words as the featuriser sees them (NFKC, lower case, \\w+ runs)."""
-    return tuple(_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
 
 
 def _tsv_labels(data: bytes) -> list[str]:
@@ -116,7 +109,7 @@ def ontology_names(get: Callable[[str], bytes]) -> dict[tuple[str, ...], str]:
     groups.append((SYMPTOMS, _symptom_names(get(SYMPTOMS))))
     for path, names in groups:
         for name in names:
-            w = words(name)
+            w = phrase_words(name)
             if not w or len(w) > MAX_WORDS or all(t.isdigit() for t in w):
                 continue
             if len(w) == 1 and len(w[0]) < MIN_CHARS:
@@ -138,7 +131,7 @@ def firing_counts(names: Iterable[tuple[str, ...]], rows: list[tuple[str, list[s
     for text, labels in rows:
         if len(labels) != 1:
             continue
-        toks = words(text)
+        toks = phrase_words(text)
         hit = set()
         for i, t in enumerate(toks):
             for name in by_first.get(t, ()):
