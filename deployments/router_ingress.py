@@ -387,8 +387,8 @@ class RouterIngress:
         payload = self._payload(req)
         if isinstance(payload, JSONResponse):
             return payload
-        if chat and req.image_urls():
-            payload = await self._with_images(payload, req.image_urls())
+        if chat and (urls := req.image_urls()):
+            payload = await self._with_images(payload, urls)
             if isinstance(payload, JSONResponse):
                 return payload
         payload["request_id"] = rid = request.state.request_id  # every specialist and the merger get it
