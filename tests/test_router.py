@@ -565,3 +565,63 @@ def test_identifier_shape_features() -> None:
     # prose: a space before "(", one-letter "e.g.", no capitals inside words
     assert shapes("What is the capital of France (e.g. for a quiz)?") == []
     assert featurize("Fix NPE", off) == featurize("fix npe", off)  # off: case never matters
+
+
+def _chosen_by_policy(probs: np.ndarray, thresholds: dict[str, float], domains: list[str]) -> list[set[str]]:
+    policy = RoutingPolicy(thresholds=thresholds, fallback="general", top_k=2)
+    return [set(policy.decide(dict(zip(domains, map(float, p), strict=True))).specialists) for p in probs]
+
+
+def test_routing_objective_matches_the_policy() -> None:
+    """The calibration's vectorised objective scores exactly what RoutingPolicy.decide chooses."""
+    from router.train import _routing_objective
+
+    domains = ["code", "general", "medical"]
+    rng = np.random.default_rng(0)
+    probs = rng.random((400, 3))
+    y = np.zeros((400, 3))
+    y[np.arange(400), rng.integers(0, 3, 400)] = 1
+    y[:60, 0] = y[:60, 2] = 1  # code+medical rows
+    y[:60, 1] = 0
+    for t in ([0.5, 0.5, 0.5], [0.3, 0.8, 0.4], [0.9, 0.2, 0.6]):
+        chosen = _chosen_by_policy(probs, dict(zip(domains, t, strict=True)), domains)
+        truth = [{d for d, v in zip(domains, row, strict=True) if v} for row in y]
+        single = [c == s for c, s in zip(chosen, truth, strict=True) if len(s) == 1]
+        multi = [s <= c for c, s in zip(chosen, truth, strict=True) if len(s) > 1]
+        for w in (0.0, 0.25, 1.0):
+            want = (1 - w) * np.mean(single) + w * np.mean(multi) if w else np.mean(single)
+            assert _routing_objective(probs, y, np.array(t), 1, 2, w) == pytest.approx(want)
+
+
+def test_routing_calibration_chooses_both_domains_where_f1_does_not() -> None:
+    """Per-domain F1 keeps the medical threshold above the two-domain prompts' medical score (60 general
+    prompts sit at the same score); the routing calibration weighs the 40 two-domain prompts it loses."""
+    from router.train import calibrate_routing, calibrate_thresholds
+
+    domains = ["code", "general", "medical"]
+    rows = (
+        [([0.9, 0.05, 0.4], [1, 0, 1])] * 40  # code+medical, medical side weak
+        + [([0.05, 0.05, 0.9], [0, 0, 1])] * 400
+        + [([0.9, 0.05, 0.05], [1, 0, 0])] * 400
+        + [([0.05, 0.9, 0.05], [0, 1, 0])] * 400
+        + [([0.05, 0.9, 0.4], [0, 1, 0])] * 60  # general prompts with the same medical score
+    )
+    probs = np.array([p for p, _ in rows])
+    y = np.array([t for _, t in rows], dtype=float)
+    f1 = calibrate_thresholds(probs, y, domains)
+    routed = calibrate_routing(probs, y, domains)
+    assert f1["medical"] > 0.4 >= routed["medical"]
+    assert _chosen_by_policy(probs[:1], f1, domains) == [{"code"}]
+    assert _chosen_by_policy(probs[:1], routed, domains) == [{"code", "medical"}]
+    # without two-domain prompts nothing is gained by moving: every threshold stays at its 0.5 prior
+    assert calibrate_routing(probs[40:], y[40:], domains) == dict.fromkeys(domains, 0.5)
+    # and a single-label prompt never gets a needless second specialist under the routing thresholds
+    assert all(len(c) == 1 for c in _chosen_by_policy(probs[40:], routed, domains)[:1200])
+
+
+def test_train_config_calibration_mode(tmp_path: Path) -> None:
+    cfg = TrainConfig(c=4.0, linear_buckets=1 << 12, drug_feature="off", disease_feature="off")
+    model, _ = train_router(TOY, TOY, cfg, progress=False)
+    assert set(model.config.thresholds) == {"car", "fruit"}
+    with pytest.raises(DataError, match="calibration must be one of routing, f1, got 'x'"):
+        train_router(TOY, TOY, TrainConfig(calibration="x", linear_buckets=1 << 12, drug_feature="off"), progress=False)
