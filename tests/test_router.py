@@ -270,6 +270,12 @@ def _fixture_mirror(root: Path) -> str:
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
         gz.write("".join(f"{i}\t{q}\n" for i, q in enumerate(mixed)).encode())
     (repo / "mixed.tsv.gz").write_bytes(buf.getvalue())
+    chat = ["Doctor, I have been feeling dizzy and my ankles are swollen.", "Hi doctor, my knee clicks when I run."]
+    chat += [
+        "I get a rash after eating nuts. What is it?",
+        "Doctor, I have been feeling dizzy and my ankles are swollen.",
+    ]
+    (repo / "chat.json").write_text(json.dumps([{"instruction": "x", "input": q, "output": "y"} for q in chat]))
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "fixture")
     return _git(repo, "rev-parse", "HEAD")
@@ -284,6 +290,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
             "health", "acme/prompts", commit, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT", heldout=True
         ),
         bc.Source("mixed", "acme/prompts", commit, ["mixed.tsv.gz"], bc._tsv_gz_column(1), "relabel", "MIT"),
+        bc.Source("chat", "acme/prompts", commit, ["chat.json"], bc._genmedgpt, "medical", "Apache-2.0"),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -296,11 +303,20 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     assert trained["Who wrote Hamlet?"] == ["general"]
     assert "What is the best diet?" not in trained  # weak health cue: ambiguous, dropped rather than guessed
     assert trained["what color is metoprolol"] == ["medical"]  # a drug's name alone is a medical cue
+    # GenMedGPT-style patient turns: the salutation to the doctor is cut, the symptoms stay; duplicates once
+    chat = sorted(ex.text for ex in rows if ex.source == "chat")
+    assert chat == [
+        "I get a rash after eating nuts. What is it?",
+        "I have been feeling dizzy and my ankles are swollen.",
+        "My knee clicks when I run.",
+    ]
     # opens like a held-out prompt (same first 8 words): an edited copy, kept out of training
     assert "is it safe to take ibuprofen when I am breastfeeding" not in trained
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["sources"][1]["dropped_near_heldout"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit, commit]
+    by_name = {m["name"]: m for m in manifest["sources"]}
+    assert by_name["mixed"]["dropped_near_heldout"] == 1
+    assert by_name["chat"]["dropped_duplicate"] == 1
+    assert [m["commit"] for m in manifest["sources"]] == [commit, commit, commit]
     bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
     with pytest.raises(bc.CorpusError, match="lacks pinned commit"):
         bc.build(tmp_path / "mirrors", bad, handwritten=None)
