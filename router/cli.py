@@ -28,6 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             static_dim=args.static_dim,
             drug_feature=args.drug_feature,
             **({"disease_feature": args.disease_feature} if args.disease_feature else {}),
+            **({"calibration": args.calibration} if args.calibration else {}),
         )
         model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
@@ -118,6 +119,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="linear: one shared feature for any disease/symptom name in router/data/diseases.txt "
         "(default: TrainConfig's)",
+    )
+    tr.add_argument(
+        "--calibration",
+        choices=["routing", "f1"],
+        default=None,
+        help="thresholds: 'routing' (jointly, as prompts are routed, two-domain prompts included) or 'f1' "
+        "(per-domain F1, before the sixth round) (default: TrainConfig's)",
     )
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--c", type=float, default=TrainConfig.c)
     parser.add_argument("--corpus", type=Path, default=CORPUS_DIR, help="directory with train/val.jsonl.gz")
     parser.add_argument("--drop-sources", default="", help="comma-separated sources never trained on")
+    parser.add_argument("--multi-label-weight", type=float, default=TrainConfig.multi_label_weight)
     parser.add_argument("--source-power", type=float, default=TrainConfig.source_power)
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "none"])
     parser.add_argument("--drug-feature", default=TrainConfig.drug_feature, choices=DRUG_FEATURES)
@@ -90,7 +91,7 @@ def main() -> None:
     for fold in folds:
         tr = np.where(~np.isin(src, fold + dropped))[0]
         dev = np.where(np.isin(src, fold) & (y.sum(axis=1) == 1))[0]
-        weight = np.where(y[tr].sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
+        weight = np.where(y[tr].sum(axis=1) > 1, args.multi_label_weight, 1.0)
         if args.source_power:
             weight = weight * source_weights(list(src[tr]), args.source_power)
         scores = np.zeros((len(dev), len(domains)))

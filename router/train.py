@@ -63,6 +63,9 @@ class TrainConfig:
     # one- and multi-word disease/condition/symptom names from the Human Disease Ontology); "names" raised the
     # dev score 0.8444 -> 0.8504 (docs/router-data.md, fifth round)
     disease_feature: str = "names"
+    # thresholds on validation: "routing" (calibrate_routing: jointly, as the policy routes, two-domain prompts
+    # included) or "f1" (calibrate_thresholds: per-domain F1, the first five rounds); docs/router-data.md, sixth round
+    calibration: str = "routing"
     shapes: bool = False  # linear: identifier-shape features (HashingConfig.shapes: camelCase, snake_case, NPE...)
     epochs: int = 16
     batch_size: int = 32
@@ -179,6 +182,85 @@ def calibrate_thresholds(probs: np.ndarray, y: np.ndarray, domains: list[str]) -
                 best = key
         out[d] = float(best[2])
     return out
+
+
+CALIBRATIONS = ("routing", "f1")
+
+
+def calibrate(probs: np.ndarray, y: np.ndarray, domains: list[str], mode: str) -> dict[str, float]:
+    """Validation thresholds under TrainConfig.calibration."""
+    if mode == "routing":
+        return calibrate_routing(probs, y, domains)
+    if mode == "f1":
+        return calibrate_thresholds(probs, y, domains)
+    raise DataError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {mode!r}")
+
+
+def _routing_objective(
+    probs: np.ndarray, y: np.ndarray, t: np.ndarray, fallback: int | None, top_k: int, multi_weight: float
+) -> float:
+    """(1 - w) * share of single-label rows routed to exactly their domain + w * share of multi-domain rows
+    with every labelled domain chosen.
+
+    Chosen as the policy chooses (router.policy.RoutingPolicy): every domain whose score reaches its
+    threshold, at most top_k, highest first; none: the fallback domain. A single-label row counts only if
+    the chosen set is its one domain, so a low threshold that adds a needless second specialist costs
+    as much as a wrong one (otherwise the two-domain term alone would push thresholds towards 0).
+    """
+    passed = probs >= t
+    masked = np.where(passed, probs, -1.0)
+    rank = (-masked).argsort(axis=1).argsort(axis=1)  # 0 = highest passing score
+    chosen = passed & (rank < top_k)
+    if fallback is not None:
+        chosen[~chosen.any(axis=1), fallback] = True
+    else:
+        none = ~chosen.any(axis=1)
+        chosen[none, probs[none].argmax(axis=1)] = True
+    truth = y == 1
+    single, multi = truth.sum(axis=1) == 1, truth.sum(axis=1) > 1
+    exact = float((chosen[single] == truth[single]).all(axis=1).mean()) if single.any() else 0.0
+    if not multi.any() or multi_weight <= 0:
+        return exact
+    all_chosen = float((truth[multi] <= chosen[multi]).all(axis=1).mean())
+    return (1 - multi_weight) * exact + multi_weight * all_chosen
+
+
+def calibrate_routing(
+    probs: np.ndarray,
+    y: np.ndarray,
+    domains: list[str],
+    fallback: str | None = "general",
+    top_k: int = 2,
+    multi_weight: float = 0.25,
+    min_gain: float = 0.002,
+) -> dict[str, float]:
+    """Thresholds for how prompts are routed: single-label prompts to exactly their domain, multi-domain ones
+    to every labelled domain (weighted multi_weight), jointly over the domains (_routing_objective).
+
+    Per-domain F1 (calibrate_thresholds) judges each domain alone, so it ignores that a two-domain prompt
+    needs both domains over threshold, that a single-label prompt under every threshold goes to the
+    fallback, and that a second domain over threshold calls a second specialist. Coordinate ascent from
+    0.5 over the same grid; a move must raise the objective by min_gain (0.002: about 8 of 4,000 validation
+    prompts), so thresholds leave 0.5 only for a clear gain. Chosen on validation by cross-fitting over
+    source halves (docs/router-data.md, sixth round): per-domain F1 thresholds and small moves fitted the
+    validation sources, not new ones.
+    """
+    grid = np.round(np.arange(0.05, 0.951, 0.025), 3)
+    t = np.full(len(domains), 0.5)
+    fb = domains.index(fallback) if fallback in domains else None
+    best = _routing_objective(probs, y, t, fb, top_k, multi_weight)
+    for _ in range(10):  # passes; converges in two or three on real validation data
+        moved = False
+        for j in range(len(domains)):
+            for v in sorted(grid, key=lambda g: abs(g - t[j])):  # nearest first: ties keep the nearer value
+                trial = t.copy()
+                trial[j] = v
+                score = _routing_objective(probs, y, trial, fb, top_k, multi_weight)
+                if score > best + min_gain:
+                    best, t, moved = score, trial, True
+        if not moved:
+            break
+    return {d: float(t[j]) for j, d in enumerate(domains)}
 
 
 def _dropout(ids: torch.Tensor, p: float) -> torch.Tensor:
@@ -307,7 +389,7 @@ def train_linear(
     model.refresh()
     probs = np.array([[s[d] for d in domains] for s in model.score_batch([ex.text for ex in val])])
     yv = targets(val, domains).numpy()
-    model.config.thresholds = calibrate_thresholds(probs, yv, domains)
+    model.config.thresholds = calibrate(probs, yv, domains, cfg.calibration)
     seconds = time.perf_counter() - t0
     logger.info("trained linear router on %d prompts, %d domains in %.1fs", len(train), n, seconds)
     eps = 1e-6
@@ -365,7 +447,7 @@ def train_router(
     model.refresh()
     probs = np.array([[s[d] for d in domains] for s in model.score_batch([ex.text for ex in val])])
     yv = targets(val, domains).numpy()
-    model.config.thresholds = calibrate_thresholds(probs, yv, domains)
+    model.config.thresholds = calibrate(probs, yv, domains, cfg.calibration)
     logger.info("trained on %d prompts, %d domains in %.1fs", len(train), len(domains), time.perf_counter() - t0)
     val_loss = float(loss_fn(torch.logit(torch.tensor(probs).clamp(1e-6, 1 - 1e-6)), torch.tensor(yv)))
     return model, {"val_loss": val_loss, "train_seconds": time.perf_counter() - t0}

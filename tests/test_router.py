@@ -270,6 +270,12 @@ def _fixture_mirror(root: Path) -> str:
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
         gz.write("".join(f"{i}\t{q}\n" for i, q in enumerate(mixed)).encode())
     (repo / "mixed.tsv.gz").write_bytes(buf.getvalue())
+    chat = ["Doctor, I have been feeling dizzy and my ankles are swollen.", "Hi doctor, my knee clicks when I run."]
+    chat += [
+        "I get a rash after eating nuts. What is it?",
+        "Doctor, I have been feeling dizzy and my ankles are swollen.",
+    ]
+    (repo / "chat.json").write_text(json.dumps([{"instruction": "x", "input": q, "output": "y"} for q in chat]))
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "fixture")
     return _git(repo, "rev-parse", "HEAD")
@@ -284,6 +290,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
             "health", "acme/prompts", commit, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT", heldout=True
         ),
         bc.Source("mixed", "acme/prompts", commit, ["mixed.tsv.gz"], bc._tsv_gz_column(1), "relabel", "MIT"),
+        bc.Source("chat", "acme/prompts", commit, ["chat.json"], bc._genmedgpt, "medical", "Apache-2.0"),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -296,11 +303,20 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     assert trained["Who wrote Hamlet?"] == ["general"]
     assert "What is the best diet?" not in trained  # weak health cue: ambiguous, dropped rather than guessed
     assert trained["what color is metoprolol"] == ["medical"]  # a drug's name alone is a medical cue
+    # GenMedGPT-style patient turns: the salutation to the doctor is cut, the symptoms stay; duplicates once
+    chat = sorted(ex.text for ex in rows if ex.source == "chat")
+    assert chat == [
+        "I get a rash after eating nuts. What is it?",
+        "I have been feeling dizzy and my ankles are swollen.",
+        "My knee clicks when I run.",
+    ]
     # opens like a held-out prompt (same first 8 words): an edited copy, kept out of training
     assert "is it safe to take ibuprofen when I am breastfeeding" not in trained
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["sources"][1]["dropped_near_heldout"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit, commit]
+    by_name = {m["name"]: m for m in manifest["sources"]}
+    assert by_name["mixed"]["dropped_near_heldout"] == 1
+    assert by_name["chat"]["dropped_duplicate"] == 1
+    assert [m["commit"] for m in manifest["sources"]] == [commit, commit, commit]
     bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
     with pytest.raises(bc.CorpusError, match="lacks pinned commit"):
         bc.build(tmp_path / "mirrors", bad, handwritten=None)
@@ -565,3 +581,63 @@ def test_identifier_shape_features() -> None:
     # prose: a space before "(", one-letter "e.g.", no capitals inside words
     assert shapes("What is the capital of France (e.g. for a quiz)?") == []
     assert featurize("Fix NPE", off) == featurize("fix npe", off)  # off: case never matters
+
+
+def _chosen_by_policy(probs: np.ndarray, thresholds: dict[str, float], domains: list[str]) -> list[set[str]]:
+    policy = RoutingPolicy(thresholds=thresholds, fallback="general", top_k=2)
+    return [set(policy.decide(dict(zip(domains, map(float, p), strict=True))).specialists) for p in probs]
+
+
+def test_routing_objective_matches_the_policy() -> None:
+    """The calibration's vectorised objective scores exactly what RoutingPolicy.decide chooses."""
+    from router.train import _routing_objective
+
+    domains = ["code", "general", "medical"]
+    rng = np.random.default_rng(0)
+    probs = rng.random((400, 3))
+    y = np.zeros((400, 3))
+    y[np.arange(400), rng.integers(0, 3, 400)] = 1
+    y[:60, 0] = y[:60, 2] = 1  # code+medical rows
+    y[:60, 1] = 0
+    for t in ([0.5, 0.5, 0.5], [0.3, 0.8, 0.4], [0.9, 0.2, 0.6]):
+        chosen = _chosen_by_policy(probs, dict(zip(domains, t, strict=True)), domains)
+        truth = [{d for d, v in zip(domains, row, strict=True) if v} for row in y]
+        single = [c == s for c, s in zip(chosen, truth, strict=True) if len(s) == 1]
+        multi = [s <= c for c, s in zip(chosen, truth, strict=True) if len(s) > 1]
+        for w in (0.0, 0.25, 1.0):
+            want = (1 - w) * np.mean(single) + w * np.mean(multi) if w else np.mean(single)
+            assert _routing_objective(probs, y, np.array(t), 1, 2, w) == pytest.approx(want)
+
+
+def test_routing_calibration_chooses_both_domains_where_f1_does_not() -> None:
+    """Per-domain F1 keeps the medical threshold above the two-domain prompts' medical score (60 general
+    prompts sit at the same score); the routing calibration weighs the 40 two-domain prompts it loses."""
+    from router.train import calibrate_routing, calibrate_thresholds
+
+    domains = ["code", "general", "medical"]
+    rows = (
+        [([0.9, 0.05, 0.4], [1, 0, 1])] * 40  # code+medical, medical side weak
+        + [([0.05, 0.05, 0.9], [0, 0, 1])] * 400
+        + [([0.9, 0.05, 0.05], [1, 0, 0])] * 400
+        + [([0.05, 0.9, 0.05], [0, 1, 0])] * 400
+        + [([0.05, 0.9, 0.4], [0, 1, 0])] * 60  # general prompts with the same medical score
+    )
+    probs = np.array([p for p, _ in rows])
+    y = np.array([t for _, t in rows], dtype=float)
+    f1 = calibrate_thresholds(probs, y, domains)
+    routed = calibrate_routing(probs, y, domains)
+    assert f1["medical"] > 0.4 >= routed["medical"]
+    assert _chosen_by_policy(probs[:1], f1, domains) == [{"code"}]
+    assert _chosen_by_policy(probs[:1], routed, domains) == [{"code", "medical"}]
+    # without two-domain prompts nothing is gained by moving: every threshold stays at its 0.5 prior
+    assert calibrate_routing(probs[40:], y[40:], domains) == dict.fromkeys(domains, 0.5)
+    # and a single-label prompt never gets a needless second specialist under the routing thresholds
+    assert all(len(c) == 1 for c in _chosen_by_policy(probs[40:], routed, domains)[:1200])
+
+
+def test_train_config_calibration_mode(tmp_path: Path) -> None:
+    cfg = TrainConfig(c=4.0, linear_buckets=1 << 12, drug_feature="off", disease_feature="off")
+    model, _ = train_router(TOY, TOY, cfg, progress=False)
+    assert set(model.config.thresholds) == {"car", "fruit"}
+    with pytest.raises(DataError, match="calibration must be one of routing, f1, got 'x'"):
+        train_router(TOY, TOY, TrainConfig(calibration="x", linear_buckets=1 << 12, drug_feature="off"), progress=False)

