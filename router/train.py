@@ -405,6 +405,8 @@ def train_router(
 ) -> tuple[TinyAda, dict[str, float]]:
     """Fit a TinyAda; return it with its validation metrics. Domains are the sorted labels in the data."""
     cfg = config or TrainConfig()
+    if cfg.calibration not in CALIBRATIONS:  # before the fit, not after it
+        raise DataError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.calibration!r}")
     if cfg.kind == "linear":
         return train_linear(train, val, cfg)
     if cfg.kind != "fasttext":

@@ -640,4 +640,5 @@ def test_train_config_calibration_mode(tmp_path: Path) -> None:
     model, _ = train_router(TOY, TOY, cfg, progress=False)
     assert set(model.config.thresholds) == {"car", "fruit"}
     with pytest.raises(DataError, match="calibration must be one of routing, f1, got 'x'"):
-        train_router(TOY, TOY, TrainConfig(calibration="x", linear_buckets=1 << 12, drug_feature="off"), progress=False)
+        # no examples at all: the mode is refused before any fitting starts
+        train_router([], [], TrainConfig(calibration="x", linear_buckets=1 << 12, drug_feature="off"), progress=False)
