@@ -106,13 +106,13 @@ class DeploymentOptions(_Strict):
             raise ValueError("set either num_replicas or autoscaling, not both")
         return self
 
-    def serve_options(self) -> dict[str, Any]:
-        """The keyword arguments for `Deployment.options(...)`."""
+    def serve_options(self, queue_slack: int = 0) -> dict[str, Any]:
+        """The keyword arguments for `Deployment.options(...)`; Ray's queue bound raised by queue_slack."""
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
             # Ray's default queue is unbounded: bound it so overload is refused at once, not queued for minutes.
-            "max_queued_requests": self.max_queued_requests,
+            "max_queued_requests": self.max_queued_requests + queue_slack,
             "backpressure_config": {"retry_after_s": self.retry_after_s},
         }
         if self.max_replicas_per_node is not None:
