@@ -318,11 +318,8 @@ def test_full_specialist_is_refused_before_its_handle_and_a_fan_out_degrades(spa
             held = [asyncio.create_task(client.post(chat, json=body(4, model="hanger"))) for _ in range(3)]
             s = await wait_inflight("hanger", 3)
             assert s["capacity"] == 3 and s["inflight"] == 3
-            deadline = time.monotonic() + 15
-            while (await spa_stats("specialist-hanger"))["requests"] < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            engine_before = await spa_stats("specialist-hanger")
-            assert engine_before["requests"] == 2  # the third waits in Ray's queue
+            # (hanger's own stats cannot be read here: Ray counts a stats call against the full replica's
+            # max_ongoing_requests too, so it would wait behind the wedged requests.)
             refused = await client.post(chat, json=body(4, model="hanger"))
             assert refused.status_code == 503 and refused.headers["x-refused-by"] == "specialist"
             assert refused.headers["retry-after"] == "2" and refused.headers.get("x-request-id")
@@ -337,8 +334,9 @@ def test_full_specialist_is_refused_before_its_handle_and_a_fan_out_degrades(spa
             assert routing["used"] == ["general"] and routing["failed"]["hanger"].startswith("overloaded: ")
             after = await spa_stats()
             hs = after["specialists"]["hanger"]
-            assert hs["refused"] == 2 and hs["queue_refused"] == 0  # both refusals ours, none from Ray's queue
-            assert (await spa_stats("specialist-hanger"))["requests"] == engine_before["requests"]  # never called
+            # Both refusals ours, before the handle: none from Ray's queue, and the handle's admitted count
+            # is still the three holders.
+            assert hs["refused"] == 2 and hs["queue_refused"] == 0 and hs["admitted"] == 3
             # Every path gives the slot back. Client cancel: the holders hang up (before their 6 s timeout).
             assert not any(t.done() for t in held)
             for t in held:
