@@ -348,14 +348,16 @@ def _refusals(res: list[tuple[float, Reply]]) -> dict:
     # queued, then timed out at the specialist) is counted apart, never timed as a refusal.
     refused = [(dt, r) for dt, r in res if r.status_code == 503 and r.json()["error"].get("code") == "overloaded"]
     lat = [dt for dt, _ in refused]
-    # The ingress's own bound answers before routing (no "routing" in the body); a specialist's full
-    # queue answers after routing, naming the specialist in routing.failed.
-    by_ingress = sum(1 for _, r in refused if "routing" not in r.json())
+    # Which bound refused, as the service says in X-Refused-By: "ingress" (the ingress replica's total),
+    # "specialist" (its per-specialist share, before any handle call), "queue" (Ray's queue behind the handle).
+    by = Counter(r.headers.get("x-refused-by", "unknown") for _, r in refused)
     return {
         "sent": len(res),
         "ok": sum(r.status_code == 200 for _, r in res),
         "503": len(refused),
-        "503_by_ingress | by_queue": f"{by_ingress} | {len(refused) - by_ingress}",
+        "503_by_ingress | specialist | queue": " | ".join(str(by[k]) for k in ("ingress", "specialist", "queue"))
+        + (f" (+{by['unknown']} unattributed)" if by["unknown"] else ""),
+        "refused_by": dict(by),
         "503_p50_ms": percentile(lat, 50) * 1000,
         "503_p99_ms": percentile(lat, 99) * 1000,
         "503_max_ms": max(lat, default=float("nan")) * 1000,
@@ -367,11 +369,14 @@ def _refusals(res: list[tuple[float, Reply]]) -> dict:
     }
 
 
-async def overload(url: str, model: str, bound: int, ongoing: int, max_tokens: int, stats, ingress=None) -> dict:
+async def overload(
+    url: str, model: str, bound: int, ongoing: int, max_tokens: int, stats, ingress=None, fill: int | None = None
+) -> dict:
     """Refusal latency at the bound (the target) and in a burst of bound + 128 sent at once (reported too).
 
-    At the bound: `bound` clients keep long requests in flight (each sends the next when one ends), so the
-    specialist's queue stays full; then probes arrive one at a time and 64 at once, and every refusal is
+    At the bound: `fill` clients (the specialist's capacity; default `bound`) keep long requests in flight
+    (each sends the next when one ends), so the binding bound (`bound`: the smaller of the ingress's and the
+    specialist's) stays full; then probes arrive one at a time and 64 at once, and every refusal is
     timed from send to answer. The burst measures something else: a refusal there waits behind the
     intake (proxy, ingress, routing) of the burst's own accepted requests.
     """
@@ -394,24 +399,31 @@ async def overload(url: str, model: str, bound: int, ongoing: int, max_tokens: i
                 if r.status_code == 503:
                     await asyncio.sleep(float(r.headers.get("retry-after", 1)))
 
-        fillers = [asyncio.create_task(filler()) for _ in range(bound)]
+        fillers = [asyncio.create_task(filler()) for _ in range(fill or bound)]
         deadline = time.perf_counter() + 60
+        reached = False
         while time.perf_counter() < deadline:
             s = await stats() if stats else None
             a = await ingress() if ingress else None
             # Every filler has crossed the proxy into the ingress, and the engine holds max_ongoing_requests
             # (the rest wait in the ingress's queue for the specialist): the intake is over, the bound is full.
             if s is None or (s["running"] + s["waiting"] >= ongoing and (a is None or a["inflight"] >= bound)):
+                reached = True
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
+        before = await ingress() if ingress else None
         one_by_one = [await post(client, url, probe) for _ in range(48)]
         at_once = await asyncio.gather(*(post(client, url, probe) for _ in range(64)))
+        after = await ingress() if ingress else None
         stop.set()
         for t in fillers:
             t.cancel()
         await asyncio.gather(*fillers, return_exceptions=True)
     return {
+        "bound_reached": reached,
+        "ingress_before_probes": before,
+        "ingress_after_probes": after,
         "at_bound": _refusals(one_by_one),
         "at_bound_64_at_once": _refusals(at_once),
         "burst": {**_refusals([t.result() for t in done]), "still_running_after_10s": len(pending)},
@@ -422,7 +434,13 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
     model = "medical"
     spec = next(s for s in graph["specialists"] if s["name"] == model)
     ongoing = spec["deployment"]["max_ongoing_requests"]
-    bound = ongoing + spec["deployment"]["max_queued_requests"]
+    from deployments.config import parse_graph_config
+
+    config = parse_graph_config(graph)
+    # The bound a pinned request meets: the ingress replica's total or its share of the specialist, the smaller.
+    group = spec.get("group") or model
+    capacity = config.specialist_capacity()[group]
+    bound = min(capacity, config.ingress_bound())
     # c32 and c256 run long enough (5 s or more at ~100 req/s) that warm-up and stragglers do not set the rate.
     totals = {1: 64, 32: 512, 256: 1024} if not quick else {1: 16, 32: 64, 256: 256}
     tp = [asyncio.run(throughput(url, model, c, totals[c], 16, stats)) for c in (1, 32, 256)]
@@ -436,7 +454,8 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
     sd = asyncio.run(short_during_long(url, model, 400))
     dc = asyncio.run(disconnect(url, model, stats)) if stats is not None else None
     ingress = ingress_stats_reader() if stats is not None else None  # self-hosted only, like stats
-    ov = asyncio.run(overload(url, model, bound, ongoing, 400, stats, ingress))  # long answers keep slots busy
+    # Long answers keep the slots busy; as many fillers as the specialist holds, whichever bound binds.
+    ov = asyncio.run(overload(url, model, bound, ongoing, 400, stats, ingress, fill=capacity))
     at, many, burst = ov["at_bound"], ov["at_bound_64_at_once"], ov["burst"]
     c32, c256 = tp[1]["served_req_per_s"], tp[2]["served_req_per_s"]
     summary = [
@@ -461,20 +480,24 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
             "value": f"{sd['long_stream_tokens']} | {sd['long_stream_s']:.2f}",
         },
         {
+            "measure": "bounds: ingress | its share of the specialist (fillers) | bound reached",
+            "value": f"{config.ingress_bound()} | {capacity} | {ov['bound_reached']}",
+        },
+        {
             "measure": f"at the bound ({bound} in flight), one at a time: 503 p50 | p99 | max ms (target < 100)",
             "value": f"{at['503_p50_ms']:.1f} | {at['503_p99_ms']:.1f} | {at['503_max_ms']:.1f}",
         },
         {
-            "measure": "  probes 503 | 200 of sent (refused by ingress | by queue)",
-            "value": f"{at['503']} | {at['ok']} of {at['sent']} ({at['503_by_ingress | by_queue']})",
+            "measure": "  probes 503 | 200 of sent (refused by ingress | specialist | Ray queue)",
+            "value": f"{at['503']} | {at['ok']} of {at['sent']} ({at['503_by_ingress | specialist | queue']})",
         },
         {
             "measure": "at the bound, 64 at once: 503 latency p50 | p99 | max ms",
             "value": f"{many['503_p50_ms']:.1f} | {many['503_p99_ms']:.1f} | {many['503_max_ms']:.1f}",
         },
         {
-            "measure": "  probes 503 | 200 of sent (refused by ingress | by queue)",
-            "value": f"{many['503']} | {many['ok']} of {many['sent']} ({many['503_by_ingress | by_queue']})",
+            "measure": "  probes 503 | 200 of sent (refused by ingress | specialist | Ray queue)",
+            "value": f"{many['503']} | {many['ok']} of {many['sent']} ({many['503_by_ingress | specialist | queue']})",
         },
         {
             "measure": f"burst of {bound + 128} at once: 503 latency p50 | p99 | max ms",
@@ -483,6 +506,10 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
         {
             "measure": "  burst 503s | 200s in 10 s | still running",
             "value": f"{burst['503']} | {burst['ok']} | {burst['still_running_after_10s']}",
+        },
+        {
+            "measure": "  burst 503s refused by ingress | specialist | Ray queue",
+            "value": burst["503_by_ingress | specialist | queue"],
         },
         {
             "measure": "503 has Retry-After | OpenAI error body (all)",
@@ -505,6 +532,17 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
             {
                 "measure": f"TTFT p50 | p99 ms at c{row['concurrency']}",
                 "value": f"{row['ttft_p50_ms']:.1f} | {row['ttft_p99_ms']:.1f}",
+            }
+        )
+    b, a = ov["ingress_before_probes"], ov["ingress_after_probes"]
+    if b and a and group in a.get("specialists", {}):
+        # What the Ray queue (the backstop) refused during the probes, and (our in-flight count, Ray's
+        # num_queued_requests) at its last refusals: how far the backstop's view was from the ingress's.
+        n = a["specialists"][group]["queue_refused"] - b["specialists"][group]["queue_refused"]
+        summary.append(
+            {
+                "measure": "  Ray queue refusals during the probes (fillers too) | last (ours, Ray queued)",
+                "value": f"{n} | {a['queue_refusals'][-3:] if n else '-'}",
             }
         )
     print_table("engines under load (issue #11)", summary)

@@ -106,13 +106,13 @@ class DeploymentOptions(_Strict):
             raise ValueError("set either num_replicas or autoscaling, not both")
         return self
 
-    def serve_options(self) -> dict[str, Any]:
-        """The keyword arguments for `Deployment.options(...)`."""
+    def serve_options(self, queue_slack: int = 0) -> dict[str, Any]:
+        """The keyword arguments for `Deployment.options(...)`; Ray's queue bound raised by queue_slack."""
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
             # Ray's default queue is unbounded: bound it so overload is refused at once, not queued for minutes.
-            "max_queued_requests": self.max_queued_requests,
+            "max_queued_requests": self.max_queued_requests + queue_slack,
             "backpressure_config": {"retry_after_s": self.retry_after_s},
         }
         if self.max_replicas_per_node is not None:
@@ -398,6 +398,13 @@ class ServerConfig(_Strict):
         "parsing or routing. None: what the specialists can hold (their max_ongoing + max_queued per replica), "
         "kept below server.deployment.max_ongoing_requests.",
     )
+    retry_after_spread: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Each overload 503's Retry-After is drawn in whole seconds in [r, r x (1 + spread)] (r: the "
+        "refusing bound's retry_after_s), so refused clients do not all come back in the same second. 0: r.",
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")
@@ -485,18 +492,30 @@ class GraphConfig(_Strict):
             out.setdefault(s.group or s.name, []).append(s)
         return out
 
+    def _ingress_replicas(self) -> int:
+        ingress = self.server.deployment
+        n = ingress.autoscaling.min_replicas if ingress.autoscaling is not None else ingress.num_replicas
+        return max(1, n or 1)
+
+    def specialist_capacity(self) -> dict[str, int]:
+        """Specialist deployment -> requests one ingress replica may have in flight to it at once: its
+        (max_ongoing_requests + max_queued_requests) x replicas, divided over the ingress replicas (the proxy
+        spreads requests over them). With autoscaling, max_replicas: a bound at today's replica count would
+        refuse the very load the autoscaler needs to see to add replicas; while fewer run, Ray's own queue
+        bound (the backstop) refuses the excess."""
+        out = {}
+        for group, members in self.groups().items():
+            d = members[0].deployment
+            replicas = d.autoscaling.max_replicas if d.autoscaling is not None else (d.num_replicas or 1)
+            out[group] = -(-(d.max_ongoing_requests + d.max_queued_requests) * replicas // self._ingress_replicas())
+        return out
+
     def ingress_bound(self) -> int:
         """Completions one ingress replica admits at once (`server.max_inflight_requests`, or derived)."""
         if self.server.max_inflight_requests is not None:
             return self.server.max_inflight_requests
-        hold = 0
-        for members in self.groups().values():
-            d = members[0].deployment
-            replicas = d.autoscaling.max_replicas if d.autoscaling is not None else (d.num_replicas or 1)
-            hold += (d.max_ongoing_requests + d.max_queued_requests) * replicas
+        per_replica = sum(self.specialist_capacity().values())
         ingress = self.server.deployment
-        ingress_replicas = ingress.autoscaling.min_replicas if ingress.autoscaling is not None else ingress.num_replicas
-        per_replica = -(-hold // max(1, ingress_replicas or 1))  # the proxy spreads requests over the replicas
         below_proxy = ingress.max_ongoing_requests - max(1, ingress.max_ongoing_requests // 8)  # room for /health
         return max(1, min(per_replica, below_proxy))
 

@@ -32,18 +32,21 @@ class CouncilError(Exception):
         code: str | None = None,
         routing: Routing | None = None,
         retry_after_s: float | None = None,
+        refused_by: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.routing = status, message, type_, code, routing
         self.retry_after_s = retry_after_s  # sent as Retry-After with a 503 for a full queue
+        self.refused_by = refused_by  # which bound refused an overload 503 (sent as X-Refused-By)
 
 
 class Overloaded(Exception):
-    """A specialist's queue is full (Ray Serve's BackPressureError, translated by the client)."""
+    """A specialist is full: the ingress's per-specialist bound ("specialist") or Ray's queue ("queue")."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None, refused_by: str = "queue") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.refused_by = refused_by
 
 
 class StreamTimeout(Exception):
@@ -367,7 +370,14 @@ class Council:
             return {"error": {"kind": "timeout", "message": str(err)}}
         except Overloaded as err:
             metrics.specialist_failure(name, "overloaded")
-            return {"error": {"kind": "overloaded", "message": str(err), "retry_after_s": err.retry_after_s}}
+            return {
+                "error": {
+                    "kind": "overloaded",
+                    "message": str(err),
+                    "retry_after_s": err.retry_after_s,
+                    "refused_by": err.refused_by,
+                }
+            }
         except Exception as err:  # a dead replica, a crashed engine: degrade, never fail the request
             logger.warning("specialist %s failed: %r", name, err)
             metrics.specialist_failure(name, metrics.failure_reason(err))
@@ -405,15 +415,16 @@ class Council:
         if not answers:
             if client_errors and len(client_errors) == len(results):
                 raise CouncilError(400, client_errors[0], routing=routing)
-            retry = [r["error"].get("retry_after_s") or 1.0 for r in results if r["error"]["kind"] == "overloaded"]
-            if retry:  # at least one queue was full: tell the client when to come back
+            full = [r["error"] for r in results if r["error"]["kind"] == "overloaded"]
+            if full:  # at least one queue was full: tell the client when to come back
                 raise CouncilError(
                     503,
                     f"the service is overloaded: {routing.failed}",
                     type_="service_unavailable",
                     code="overloaded",
                     routing=routing,
-                    retry_after_s=max(retry),
+                    retry_after_s=max(e.get("retry_after_s") or 1.0 for e in full),
+                    refused_by=",".join(sorted({e.get("refused_by") or "queue" for e in full})),
                 )
             raise CouncilError(
                 503,
@@ -475,6 +486,7 @@ class Council:
         routing = self._routing(decision)
         sent = False
         retry_after: float | None = None
+        refused_by: str | None = None
         source = self.specialists.stream(name, self._payload_for(name, payload))
         t0 = time.perf_counter()
         try:
@@ -506,7 +518,7 @@ class Council:
             kind, message = "timeout", str(err)
             metrics.specialist_failure(name, "timeout")
         except Overloaded as err:
-            kind, message, retry_after = "overloaded", str(err), err.retry_after_s or 1.0
+            kind, message, retry_after, refused_by = "overloaded", str(err), err.retry_after_s or 1.0, err.refused_by
             metrics.specialist_failure(name, "overloaded")
         except Exception as err:  # a dead replica: degrade to a clear error, never a 500
             logger.warning("specialist %s stream failed: %r", name, err)
@@ -526,6 +538,7 @@ class Council:
                 code="overloaded" if kind == "overloaded" else "specialists_unavailable",
                 routing=routing,
                 retry_after_s=retry_after,
+                refused_by=refused_by,
             )
         # Part of the answer is out: end it with a valid finish reason and say why in-band.
         yield StreamEvent(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from typing import Any
 
@@ -15,6 +16,33 @@ from deployments.protocol import error_body
 logger = logging.getLogger(__name__)
 
 HEADER = b"x-request-id"
+# Which bound refused a 503 "overloaded": "ingress" (this replica's total), "specialist" (this replica's share
+# of one specialist deployment), "queue" (Ray's queue behind the deployment handle, the backstop).
+REFUSED_BY = "x-refused-by"
+
+
+class RetryAfter:
+    """The Retry-After value of one refusal: whole seconds drawn in [ceil(r), ceil(r x (1 + spread))].
+
+    Real clients (openai-python) wait exactly Retry-After, so refusals answered in the same second come
+    back in the same second, as a herd; a spread per refusal thins the herd on the server side. spread 0
+    (the default) gives ceil(r) every time. The generator is seeded so tests can check the draw.
+    """
+
+    def __init__(self, spread: float = 0.0, seed: int | None = None) -> None:
+        self.spread = spread
+        self.rng = random.Random(seed)
+
+    def configure(self, spread: float, seed: int | None = None) -> None:
+        self.spread, self.rng = spread, random.Random(seed)
+
+    def seconds(self, retry_after_s: float | None) -> int:
+        low = max(1, math.ceil(retry_after_s or 1.0))  # whole seconds, rounded up (RFC 9110), never 0
+        high = max(low, math.ceil((retry_after_s or 1.0) * (1 + self.spread)))
+        return low if high == low else self.rng.randint(low, high)
+
+
+retry_after = RetryAfter()  # this process's draw; the ingress configures it from server.retry_after_spread
 
 
 class RequestContextMiddleware:
@@ -123,8 +151,8 @@ class AdmissionMiddleware:
                 "service_unavailable",
                 "overloaded",
             )
-            retry = str(max(1, math.ceil(a.retry_after_s))).encode()  # whole seconds, rounded up (RFC 9110)
-            await _send_json(send, 503, body, [(b"retry-after", retry)])
+            retry = str(retry_after.seconds(a.retry_after_s)).encode()
+            await _send_json(send, 503, body, [(b"retry-after", retry), (REFUSED_BY.encode(), b"ingress")])
             return
         a.inflight += 1
         a.admitted += 1
@@ -132,6 +160,59 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
         finally:
             a.inflight -= 1
+
+
+class SpecialistAdmission:
+    """This ingress replica's requests in flight to each specialist deployment, against its share of what
+    that deployment can hold; checked before any handle call.
+
+    Without it a request to a full specialist is refused by Ray's queue bound behind the deployment handle,
+    on the handle's router thread, where it waits behind the scheduling of every queued request (docs/engines.md,
+    round 3: p99 0.5-0.8 s). Here the refusal costs a dict lookup. Ray's bound stays as the backstop.
+    """
+
+    def __init__(self, capacity: dict[str, int] | None = None, retry_after_s: dict[str, float] | None = None) -> None:
+        self.capacity = dict(capacity or {})  # deployment -> slots; a deployment not named here is not bounded
+        self.retry_after_s = dict(retry_after_s or {})
+        self.inflight = dict.fromkeys(self.capacity, 0)
+        self.admitted = dict.fromkeys(self.capacity, 0)
+        self.refused = dict.fromkeys(self.capacity, 0)
+        self.queue_refused = dict.fromkeys(self.capacity, 0)  # Ray's backstop refused what this let through
+        # (our in-flight count, Ray's num_queued_requests) at the last queue refusals: why the backstop fired
+        self.queue_refusals: list[tuple[int, int]] = []
+
+    def acquire(self, deployment: str) -> bool:
+        """Take a slot; False (and counted as refused) when the deployment's share is full."""
+        cap = self.capacity.get(deployment)
+        if cap is None:
+            return True
+        if self.inflight[deployment] >= cap:
+            self.refused[deployment] += 1
+            return False
+        self.inflight[deployment] += 1
+        self.admitted[deployment] += 1
+        return True
+
+    def release(self, deployment: str) -> None:
+        if deployment in self.capacity:
+            self.inflight[deployment] -= 1
+
+    def queue_refusal(self, deployment: str, num_queued: int | None) -> None:
+        if deployment in self.capacity:
+            self.queue_refused[deployment] += 1
+            self.queue_refusals = [*self.queue_refusals[-63:], (self.inflight[deployment], num_queued or -1)]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {
+            d: {
+                "inflight": self.inflight[d],
+                "capacity": self.capacity[d],
+                "admitted": self.admitted[d],
+                "refused": self.refused[d],
+                "queue_refused": self.queue_refused[d],
+            }
+            for d in self.capacity
+        }
 
 
 async def _send_json(send: Any, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:

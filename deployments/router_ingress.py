@@ -4,7 +4,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +24,14 @@ from deployments.config import GraphConfig
 from deployments.council import Council, CouncilError, Overloaded, StreamEvent
 from deployments.images import ImageError, limits_payload, load_images
 from deployments.logging_setup import configure_logging
-from deployments.middleware import Admission, AdmissionMiddleware, RequestContextMiddleware
+from deployments.middleware import (
+    REFUSED_BY,
+    Admission,
+    AdmissionMiddleware,
+    RequestContextMiddleware,
+    SpecialistAdmission,
+    retry_after,
+)
 from deployments.protocol import (
     SEED_MAX,
     BodyError,
@@ -59,24 +65,59 @@ class HandleSpecialists:
     retries rides back on the result as "retries".
     """
 
-    def __init__(self, handles: dict[str, DeploymentHandle], group_of: dict[str, str]) -> None:
+    def __init__(
+        self,
+        handles: dict[str, DeploymentHandle],
+        group_of: dict[str, str],
+        admission: SpecialistAdmission | None = None,
+    ) -> None:
         self.handles, self.group_of = handles, group_of
+        self.admission = admission or SpecialistAdmission()
+
+    def _admit(self, group: str) -> None:
+        """Take a slot of the group's share, or refuse at once: the handle is never called."""
+        if not self.admission.acquire(group):
+            cap = self.admission.capacity[group]
+            raise Overloaded(
+                f"specialist deployment {group!r} is at capacity ({cap} requests in flight from this ingress replica)",
+                self.admission.retry_after_s.get(group),
+                refused_by="specialist",
+            )
+
+    def _backpressure(self, group: str, err: BackPressureError) -> Overloaded:
+        num_queued = err.args[0] if err.args and isinstance(err.args[0], int) else None
+        self.admission.queue_refusal(group, num_queued)
+        return Overloaded(err.message, err.retry_after_s, refused_by="queue")
 
     async def generate(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
-        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
-            try:
-                result = await self.handles[self.group_of[name]].generate.remote(payload)
-                return {**result, "retries": attempt} if attempt else result
-            except BackPressureError as err:  # this caller's queue for that deployment is full
-                raise Overloaded(err.message, err.retry_after_s) from None
-            except REPLICA_GONE as err:
-                if delay is None:
-                    raise
-                logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        group = self.group_of[name]
+        self._admit(group)
+        try:
+            for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+                try:
+                    result = await self.handles[group].generate.remote(payload)
+                    return {**result, "retries": attempt} if attempt else result
+                except BackPressureError as err:  # this caller's queue for that deployment is full
+                    raise self._backpressure(group, err) from None
+                except REPLICA_GONE as err:
+                    if delay is None:
+                        raise
+                    logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
+                    await asyncio.sleep(delay)
+            raise AssertionError("unreachable")
+        finally:  # answered, failed, timed out or cancelled (client gone): the slot comes back
+            self.admission.release(group)
 
     async def stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        group = self.group_of[name]
+        self._admit(group)
+        try:
+            async for item in self._stream(name, payload):
+                yield item
+        finally:  # ended, failed, timed out, or closed by the consumer (client gone): the slot comes back
+            self.admission.release(group)
+
+    async def _stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
             started = False
             response = self.handles[self.group_of[name]].options(stream=True).stream.remote(payload)
@@ -90,7 +131,7 @@ class HandleSpecialists:
                 finished = True
                 return
             except BackPressureError as err:
-                raise Overloaded(err.message, err.retry_after_s) from None
+                raise self._backpressure(self.group_of[name], err) from None
             except REPLICA_GONE as err:
                 finished = True  # that replica is gone: nothing to cancel
                 if started or delay is None:
@@ -122,13 +163,17 @@ def error_response(
     param: str | None = None,
     routing: dict | None = None,
     retry_after_s: float | None = None,
+    refused_by: str | None = None,
 ) -> JSONResponse:
     # Error text may quote client input; escape what UTF-8 cannot carry rather than fail with a 500.
     body = error_body(message.encode("utf-8", "backslashreplace").decode(), type_, code, param)
     if routing is not None:
         body["routing"] = routing
-    # Retry-After takes whole seconds (RFC 9110); round up so a client never retries too early.
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    # Retry-After takes whole seconds (RFC 9110), rounded up so a client never retries too early (and spread
+    # when server.retry_after_spread says so).
+    headers = {"Retry-After": str(retry_after.seconds(retry_after_s))} if retry_after_s is not None else None
+    if refused_by is not None and headers is not None:
+        headers[REFUSED_BY] = refused_by
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -222,17 +267,28 @@ class RouterIngress:
         memory.configure()  # glibc heap trimmer (RSS follows live memory); CONSILIUM_TRACEMALLOC=1 to diagnose
         self.config = GraphConfig.model_validate(config)
         group_of = {s.name: g for g, members in self.config.groups().items() for s in members}
-        self.council = Council(self.config, HandleSpecialists(specialists, group_of), HandleMerger(merger))
+        retry_of = {g: members[0].deployment.retry_after_s for g, members in self.config.groups().items()}
+        self.specialist_admission = SpecialistAdmission(self.config.specialist_capacity(), retry_of)
+        self.council = Council(
+            self.config, HandleSpecialists(specialists, group_of, self.specialist_admission), HandleMerger(merger)
+        )
         self.token_limit = min(s.generation.max_new_tokens_limit for s in self.config.specialists)
         self._api_key: SecretStr | None = self.config.server.read_api_key()
         # Optional OpenAI features every engine provides: HF and vLLM both report logprobs and both
         # constrain output to a response_format (xgrammar masks in the HF engine; vLLM's structured outputs).
         self.supported: frozenset[str] = frozenset({"logprobs", "response_format"})
         admission.configure(self.config.ingress_bound(), self.config.server.deployment.retry_after_s)
+        retry_after.configure(self.config.server.retry_after_spread)
 
-    def admission_stats(self) -> dict[str, int | None]:
-        """Completions in flight on this replica, its bound, and how many were admitted and refused."""
-        return admission.stats()
+    def admission_stats(self) -> dict[str, Any]:
+        """Completions in flight on this replica, its bound, how many were admitted and refused; the same
+        per specialist deployment under "specialists" (with the refusals of Ray's queue behind it), and the
+        (in flight, Ray's num_queued_requests) pairs of the last queue refusals."""
+        return {
+            **admission.stats(),
+            "specialists": self.specialist_admission.stats(),
+            "queue_refusals": list(self.specialist_admission.queue_refusals),
+        }
 
     # ---- request plumbing ----------------------------------------------------------------------------
 
@@ -378,6 +434,7 @@ class RouterIngress:
             param=param,
             routing=err.routing.model_dump() if err.routing else None,
             retry_after_s=err.retry_after_s,
+            refused_by=err.refused_by,
         )
 
     async def _complete(self, request: Request, schema: type, chat: bool) -> Any:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from deployments.config import parse_graph_config
-from deployments.middleware import Admission, AdmissionMiddleware
+from deployments.middleware import Admission, AdmissionMiddleware, RetryAfter, SpecialistAdmission
 from tests.test_serve import tiny_args
 
 
@@ -57,6 +59,7 @@ def test_past_the_bound_is_503_with_retry_after_and_openai_body() -> None:
         assert start["status"] == 503
         headers = dict(start["headers"])
         assert headers[b"retry-after"] == b"2"  # 1.5 s rounded up to whole seconds
+        assert headers[b"x-refused-by"] == b"ingress"  # which bound refused, for clients and the bench
         err = json.loads(body["body"])["error"]
         assert err["type"] == "service_unavailable" and err["code"] == "overloaded" and "2 requests" in err["message"]
         # Other routes are never refused: health and model listing stay answerable under load.
@@ -105,3 +108,48 @@ def test_derived_bound(tmp_path) -> None:
     args["server"]["max_inflight_requests"] = 16
     with pytest.raises(ValueError, match=r"max_inflight_requests=16 must be below deployment\.max_ongoing_requests=16"):
         parse_graph_config(args)
+
+
+def test_retry_after_spread_stays_in_its_bounds_and_covers_them() -> None:
+    assert {RetryAfter(0.0, seed=1).seconds(1.0) for _ in range(50)} == {1}  # no spread: exactly r
+    assert RetryAfter(0.0).seconds(1.5) == 2 and RetryAfter(0.0).seconds(0) == 1  # rounded up, never 0
+    ra = RetryAfter(1.0, seed=7)
+    draws = [ra.seconds(2.0) for _ in range(400)]
+    assert set(draws) == {2, 3, 4}  # whole seconds in [r, 2r], every value drawn
+    assert max(Counter(draws).values()) < 200  # spread, not stuck on one value
+    again = RetryAfter(1.0, seed=7)
+    assert [again.seconds(2.0) for _ in range(400)] == draws  # seeded: reproducible
+
+
+def test_specialist_capacity_from_config_and_errors_name_the_field() -> None:
+    args = tiny_args(Path(".zoo"))
+    for s in args["specialists"]:
+        s["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 4, "max_queued_requests": 2}
+    args["specialists"][0]["deployment"] = {
+        "num_cpus": 0.1,
+        "max_ongoing_requests": 4,
+        "max_queued_requests": 2,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+    }
+    args["server"].pop("max_inflight_requests", None)
+    args["server"]["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 1024, "num_replicas": 2}
+    config = parse_graph_config(args)
+    cap = config.specialist_capacity()
+    first = args["specialists"][0].get("group") or args["specialists"][0]["name"]
+    assert cap[first] == 9  # (4 + 2) x max_replicas 3, over 2 ingress replicas
+    assert all(v == 3 for g, v in cap.items() if g != first)  # (4 + 2) x 1 over 2
+    assert config.ingress_bound() == sum(cap.values())
+    args["server"]["retry_after_spread"] = -1
+    with pytest.raises(ValueError, match=r"server\.retry_after_spread"):
+        parse_graph_config(args)
+
+
+def test_specialist_admission_counts_and_refuses() -> None:
+    adm = SpecialistAdmission({"a": 2}, {"a": 1.0})
+    assert adm.acquire("a") and adm.acquire("a") and not adm.acquire("a")
+    assert adm.acquire("unbounded")  # a deployment not named is never refused
+    adm.release("a")
+    assert adm.acquire("a")
+    adm.queue_refusal("a", 7)
+    assert adm.stats()["a"] == {"inflight": 2, "capacity": 2, "admitted": 3, "refused": 1, "queue_refused": 1}
+    assert adm.queue_refusals == [(2, 7)]

@@ -260,3 +260,99 @@ def test_ingress_admission_refuses_before_routing_and_gives_every_slot_back(adm_
             assert (await client.post(chat, json=body(4))).status_code == 200  # capacity is back
 
     asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def spa_url(url: str, zoo: Path) -> str:
+    """A third app: general (HF) and 'hanger' (a wedged engine; its share: 2 ongoing + 1 queued = 3 slots)."""
+    from ray import serve
+
+    from deployments.app import build_graph
+    from deployments.config import parse_graph_config
+
+    args = load_args(zoo)
+    general = {**args["specialists"][0], "deployment": {"num_cpus": 0.1}}
+    hanger = {
+        **general,
+        "name": "hanger",
+        "timeout_s": 6,
+        "ttft_timeout_s": 2,
+        "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 2, "max_queued_requests": 1, "retry_after_s": 2},
+    }
+    args["specialists"] = [general, hanger]
+    # Every auto prompt goes to both (a fan-out); pinning picks one.
+    args["router"] = {
+        "top_k": 2,
+        "fallback": "general",
+        "domain_to_specialist": {"medical": "general", "code": "hanger", "general": "general"},
+        "thresholds": {"medical": 0.0, "code": 0.0, "general": 1.0},
+    }
+    args["server"]["max_inflight_requests"] = 12  # the ingress total never binds here
+    args["server"]["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 16}
+    hang = {"hanger": "deployments.engines.faults:HangingEngine"}
+    graph = build_graph(parse_graph_config(args), engine_overrides=hang)
+    serve.run(graph, name="spa", route_prefix="/spa")
+    return f"{url}/spa"
+
+
+async def spa_stats(deployment: str = "router") -> dict:
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name="spa")
+    return await (handle.admission_stats if deployment == "router" else handle.engine_stats).remote()
+
+
+async def wait_inflight(specialist: str, n: int, within_s: float = 15) -> dict:
+    deadline = time.monotonic() + within_s
+    while (s := (await spa_stats())["specialists"][specialist])["inflight"] != n and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return s
+
+
+def test_full_specialist_is_refused_before_its_handle_and_a_fan_out_degrades(spa_url: str) -> None:
+    chat = f"{spa_url}/v1/chat/completions"
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            # Three pinned requests hold hanger's share: two inside the wedged engine, one in Ray's queue.
+            held = [asyncio.create_task(client.post(chat, json=body(4, model="hanger"))) for _ in range(3)]
+            s = await wait_inflight("hanger", 3)
+            assert s["capacity"] == 3 and s["inflight"] == 3
+            # (hanger's own stats cannot be read here: Ray counts a stats call against the full replica's
+            # max_ongoing_requests too, so it would wait behind the wedged requests.)
+            refused = await client.post(chat, json=body(4, model="hanger"))
+            assert refused.status_code == 503 and refused.headers["x-refused-by"] == "specialist"
+            assert refused.headers["retry-after"] == "2" and refused.headers.get("x-request-id")
+            err = refused.json()["error"]
+            assert err["type"] == "service_unavailable" and err["code"] == "overloaded"
+            assert refused.json()["routing"]["failed"]["hanger"].startswith("overloaded: ")
+            # A fan-out to both: general answers, hanger is listed as failed (overloaded) at once.
+            fan = await client.post(chat, json=body(8, model="auto"))
+            assert fan.status_code == 200, fan.text
+            routing = fan.json()["routing"]
+            assert set(routing["specialists"]) == {"hanger", "general"}
+            assert routing["used"] == ["general"] and routing["failed"]["hanger"].startswith("overloaded: ")
+            after = await spa_stats()
+            hs = after["specialists"]["hanger"]
+            # Both refusals ours, before the handle: none from Ray's queue, and the handle's admitted count
+            # is still the three holders.
+            assert hs["refused"] == 2 and hs["queue_refused"] == 0 and hs["admitted"] == 3
+            # Every path gives the slot back. Client cancel: the holders hang up (before their 6 s timeout).
+            assert not any(t.done() for t in held)
+            for t in held:
+                t.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            assert (await wait_inflight("hanger", 0))["inflight"] == 0
+            # Finish (general's non-stream and stream), and error (hanger's timeout, 503), stream timeout too.
+            assert (await client.post(chat, json=body(4))).status_code == 200
+            async with client.stream("POST", chat, json=body(8, stream=True)) as r:
+                assert [e async for e in r.aiter_lines() if e == "data: [DONE]"]
+            timed_out = await client.post(chat, json=body(4, model="hanger"))
+            assert timed_out.status_code == 503 and timed_out.json()["error"]["code"] == "specialists_unavailable"
+            stalled = await client.post(chat, json=body(4, model="hanger", stream=True))
+            assert stalled.status_code == 503
+            final = await spa_stats()
+            assert final["specialists"]["hanger"]["inflight"] == 0 and final["specialists"]["general"]["inflight"] == 0
+            assert final["specialists"]["general"]["admitted"] >= 3 and final["inflight"] == 0
+
+    asyncio.run(scenario())

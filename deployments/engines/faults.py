@@ -37,7 +37,15 @@ class HangingEngine(ExplodingEngine):
 
     hang_s = 3600.0
 
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.requests = 0  # requests that reached this engine: a test can tell what was refused before it
+
+    def engine_stats(self) -> dict[str, int]:
+        return {"requests": self.requests}
+
     async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self.requests += len(requests)
         await asyncio.sleep(self.hang_s)
         return [GenerationResult("", 0, 0, "length") for _ in requests]
 
@@ -45,6 +53,7 @@ class HangingEngine(ExplodingEngine):
         return (await self.generate_batch([request]))[0]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        self.requests += 1
         await asyncio.sleep(self.hang_s)
         yield StreamDelta(text="", finish_reason="length")
 
@@ -55,6 +64,7 @@ class StallingEngine(HangingEngine):
     tokens_before_stall = 2
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        self.requests += 1
         for i in range(self.tokens_before_stall):
             yield StreamDelta(text=f" tok{i}")
         await asyncio.sleep(self.hang_s)
