@@ -20,6 +20,16 @@ pytestmark = pytest.mark.serve
 MAX_ONGOING, MAX_QUEUED = 4, 2
 
 
+def fan_out_to(second: str) -> dict:
+    """Router settings that send every auto prompt to general and `second` (pinning picks one)."""
+    return {
+        "top_k": 2,
+        "fallback": "general",
+        "domain_to_specialist": {"medical": "general", "code": second, "general": "general"},
+        "thresholds": {"medical": 0.0, "code": 0.0, "general": 1.0},
+    }
+
+
 def load_args(zoo: Path) -> dict:
     """general (HF, small queue bounds) and a 'staller' that streams two tokens, then goes silent."""
     args = tiny_args(zoo)
@@ -40,13 +50,7 @@ def load_args(zoo: Path) -> dict:
         "deployment": {"num_cpus": 0.1},
     }
     args["specialists"] = [general, staller]
-    # Every auto prompt goes to both (a merged stream); pinning picks one.
-    args["router"] = {
-        "top_k": 2,
-        "fallback": "general",
-        "domain_to_specialist": {"medical": "general", "code": "staller", "general": "general"},
-        "thresholds": {"medical": 0.0, "code": 0.0, "general": 1.0},
-    }
+    args["router"] = fan_out_to("staller")  # an auto prompt gets a merged stream
     return args
 
 
@@ -280,13 +284,7 @@ def spa_url(url: str, zoo: Path) -> str:
         "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 2, "max_queued_requests": 1, "retry_after_s": 2},
     }
     args["specialists"] = [general, hanger]
-    # Every auto prompt goes to both (a fan-out); pinning picks one.
-    args["router"] = {
-        "top_k": 2,
-        "fallback": "general",
-        "domain_to_specialist": {"medical": "general", "code": "hanger", "general": "general"},
-        "thresholds": {"medical": 0.0, "code": 0.0, "general": 1.0},
-    }
+    args["router"] = fan_out_to("hanger")
     args["server"]["max_inflight_requests"] = 12  # the ingress total never binds here
     args["server"]["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 16}
     hang = {"hanger": "deployments.engines.faults:HangingEngine"}
