@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import copy
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,16 +24,12 @@ from typing import Any
 
 import yaml
 
+from bench.common import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 ROLE_LABEL = "consilium.io/role"
 NODE_LABEL = "consilium.io/node"
 SPECIALIST_DEPLOYMENTS = ("specialist-medical", "specialist-code", "specialist-general")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,26 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+# Ports a local Serve proxy may take. Not from the kernel's ephemeral range (32768-60999 on Linux): while a
+# local Ray starts, its workers' gRPC servers (ray.init leaves their ports to the kernel) and its outgoing
+# connections are given ephemeral ports, so a port that was free when picked there can be taken before Serve
+# binds it (CI failed once with "Failed to bind"). Not `ray start`'s worker ports (10002-19999) nor Serve's
+# direct-ingress replica ports (30000-31000) either.
+LOCAL_PORTS = (20000, 29999)
+
+
+def free_port() -> int:
+    """A loopback TCP port in LOCAL_PORTS that nothing listens on now."""
+    for _ in range(200):
+        port = random.randint(*LOCAL_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free loopback port in {LOCAL_PORTS[0]}-{LOCAL_PORTS[1]} after 200 tries")
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bench.common import free_port
 
 TWO_DOMAIN = "Write a Python script that parses patient records and flags patients with diabetes."
 MEDICAL = "What are the early symptoms of hypertension?"
@@ -53,12 +54,6 @@ def graph_args(zoo: Path, frozen_timeout_s: float = 4.0, max_tokens: int = 16) -
         "merger": {"model": str(zoo / "t5"), "max_new_tokens": 4, "deployment": {"num_cpus": 0.1}},
         "server": {"deployment": {"num_cpus": 0.1, "max_ongoing_requests": 512}},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(zoo: Path, app: str, graph: dict[str, Any] | None = None, **kw: Any) -> str:

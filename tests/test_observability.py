@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +18,14 @@ import httpx
 import pytest
 import yaml
 
+from bench.common import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"  # gitignored; screenshots land here
 API_KEY = "observability-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MEDICAL = "What are the early symptoms of hypertension?"  # routes to medical alone
 TWO_DOMAIN = "Write a Python script that parses patient records and flags patients with diabetes."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_graph_args(zoo: Path, hanging_general: bool = False) -> dict:
