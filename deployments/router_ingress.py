@@ -1,11 +1,12 @@
 """Router ingress: the OpenAI-compatible HTTP API in front of the council (FastAPI on Ray Serve)."""
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -74,8 +75,10 @@ class HandleSpecialists:
         self.handles, self.group_of = handles, group_of
         self.admission = admission or SpecialistAdmission()
 
-    def _admit(self, group: str) -> None:
-        """Take a slot of the group's share, or refuse at once: the handle is never called."""
+    @contextlib.contextmanager
+    def _slot(self, group: str) -> Iterator[None]:
+        """A slot of the group's share for the request's whole life, or Overloaded at once (the handle is
+        never called). Answered, failed, timed out, cancelled or closed by the consumer: the slot comes back."""
         if not self.admission.acquire(group):
             cap = self.admission.capacity[group]
             raise Overloaded(
@@ -83,6 +86,10 @@ class HandleSpecialists:
                 self.admission.retry_after_s.get(group),
                 refused_by="specialist",
             )
+        try:
+            yield
+        finally:
+            self.admission.release(group)
 
     def _backpressure(self, group: str, err: BackPressureError) -> Overloaded:
         num_queued = err.args[0] if err.args and isinstance(err.args[0], int) else None
@@ -91,8 +98,7 @@ class HandleSpecialists:
 
     async def generate(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
         group = self.group_of[name]
-        self._admit(group)
-        try:
+        with self._slot(group):
             for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
                 try:
                     result = await self.handles[group].generate.remote(payload)
@@ -104,43 +110,34 @@ class HandleSpecialists:
                         raise
                     logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
                     await asyncio.sleep(delay)
-            raise AssertionError("unreachable")
-        finally:  # answered, failed, timed out or cancelled (client gone): the slot comes back
-            self.admission.release(group)
+        raise AssertionError("unreachable")
 
     async def stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         group = self.group_of[name]
-        self._admit(group)
-        try:
-            async for item in self._stream(name, payload):
-                yield item
-        finally:  # ended, failed, timed out, or closed by the consumer (client gone): the slot comes back
-            self.admission.release(group)
-
-    async def _stream(self, name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
-            started = False
-            response = self.handles[self.group_of[name]].options(stream=True).stream.remote(payload)
-            finished = False
-            try:
-                async for item in response:
-                    if not started and attempt:
-                        item = {**item, "retries": attempt}
-                    started = True
-                    yield item
-                finished = True
-                return
-            except BackPressureError as err:
-                raise self._backpressure(self.group_of[name], err) from None
-            except REPLICA_GONE as err:
-                finished = True  # that replica is gone: nothing to cancel
-                if started or delay is None:
-                    raise
-                logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
-                await asyncio.sleep(delay)
-            finally:
-                if not finished:  # consumer gone or timed out: cancel the replica's generator (frees its slot)
-                    response.cancel()
+        with self._slot(group):  # one generator: no extra hop per streamed item for the slot
+            for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+                started = False
+                response = self.handles[group].options(stream=True).stream.remote(payload)
+                finished = False
+                try:
+                    async for item in response:
+                        if not started and attempt:
+                            item = {**item, "retries": attempt}
+                        started = True
+                        yield item
+                    finished = True
+                    return
+                except BackPressureError as err:
+                    raise self._backpressure(group, err) from None
+                except REPLICA_GONE as err:
+                    finished = True  # that replica is gone: nothing to cancel
+                    if started or delay is None:
+                        raise
+                    logger.warning("specialist %s replica gone (%s); retry %d", name, type(err).__name__, attempt + 1)
+                    await asyncio.sleep(delay)
+                finally:
+                    if not finished:  # consumer gone or timed out: cancel the replica's generator (frees its slot)
+                        response.cancel()
 
 
 class HandleMerger:
