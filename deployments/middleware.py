@@ -30,8 +30,7 @@ class RetryAfter:
     """
 
     def __init__(self, spread: float = 0.0, seed: int | None = None) -> None:
-        self.spread = spread
-        self.rng = random.Random(seed)
+        self.configure(spread, seed)
 
     def configure(self, spread: float, seed: int | None = None) -> None:
         self.spread, self.rng = spread, random.Random(seed)
