@@ -6,7 +6,7 @@ ZOO    := .zoo
 BUILD  := .build
 SMOL   := $(BUILD)/smollm2-135m-instruct
 
-.PHONY: install serve serve-zoo embedded adapters test lint zoo clean browser
+.PHONY: install serve serve-zoo embedded adapters test lint zoo clean system
 
 # torch is pinned to the local CPU build first: an unpinned torch would pull gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -44,14 +44,16 @@ serve-zoo: zoo
 adapters: embedded
 	scripts/train_embedded_adapters.sh
 
-# The playground test drives Debian's chromium through chromium-driver: installed here when missing and
-# we are root (CI); otherwise that one test skips and says why.
-browser:
-	@if ! command -v chromedriver >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+# Debian packages some tests drive: chromium through chromium-driver (the playground) and haproxy (the
+# front, `consilium front`). Installed here when missing and we are root (CI); otherwise those tests skip
+# and say why.
+system:
+	@if { ! command -v chromedriver || ! command -v haproxy; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver haproxy; \
 	fi
 
-test: install browser
+test: install system
 	$(PY) -m pytest -q tests
 
 lint: install

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import random
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,38 @@ def free_port() -> int:
                 continue
         return port
     raise RuntimeError(f"no free loopback port in {LOCAL_PORTS[0]}-{LOCAL_PORTS[1]} after 200 tries")
+
+
+@contextlib.contextmanager
+def haproxy_running(cfg: Path, host: str, port: int, timeout_s: float = 15) -> Iterator[subprocess.Popen]:
+    """`haproxy -f cfg` in the foreground (as a user runs the front), up once host:port accepts; stopped after."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        raise RuntimeError("haproxy is not installed (Debian: apt-get install haproxy; `make test` does it as root)")
+    # Its output goes to a file, not a pipe: a pipe nobody reads could fill and stall haproxy.
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    out.seek(0)
+                    raise RuntimeError(f"haproxy exited with {proc.returncode}: {out.read().decode(errors='replace')}")
+                try:
+                    socket.create_connection((host, port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"haproxy did not listen on {host}:{port} within {timeout_s} s") from None
+                    time.sleep(0.05)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -1,4 +1,4 @@
-"""The `consilium` command line: zoo, generate, router, fusion, adapter and serve subcommands."""
+"""The `consilium` command line: zoo, generate, router, fusion, adapter, serve and front subcommands."""
 
 from __future__ import annotations
 
@@ -137,6 +137,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_front(args: argparse.Namespace) -> int:
+    """Write an HAProxy front for a config (deployments/front.py) and check it with `haproxy -c` when installed."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from deployments.config import ConfigError, load_graph_config
+    from deployments.front import FrontError, parse_address, plan_front, serve_settings, write_front
+
+    try:
+        config = load_graph_config(args.config)
+        route_prefix, serve_proxy = serve_settings(yaml.safe_load(Path(args.config).read_text()))
+        backends = tuple(parse_address(b, "--backend") for b in args.backend or ())
+        plan = plan_front(
+            config,
+            listen=parse_address(args.listen, "--listen"),
+            backends=backends or (serve_proxy or parse_address("127.0.0.1:8000", "--backend"),),
+            route_prefix=route_prefix,
+            max_inflight=args.max_inflight,
+        )
+        cfg = write_front(plan, Path(args.out))
+    except (ConfigError, FrontError) as err:
+        raise CLIError(str(err)) from None
+    haproxy = shutil.which("haproxy")
+    if haproxy is not None:
+        check = subprocess.run([haproxy, "-c", "-q", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
+        if check.returncode != 0:
+            raise CLIError(f"haproxy -c rejected {cfg}: {(check.stderr or check.stdout).strip()}")
+    backends_text = ", ".join(str(b) for b in plan.backends)
+    print(
+        f"consilium: wrote {cfg}: listens on {plan.listen}, forwards to Serve at {backends_text}, refuses "
+        f"completions past {plan.max_inflight} in flight{'' if haproxy else ' (haproxy not installed: not checked)'}"
+    )
+    print(f"run it with: haproxy -f {cfg}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="consilium", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -171,6 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the Serve graph of a config in the foreground")
     srv.add_argument("config", type=_existing_path, help="Serve config file, e.g. configs/embedded.yaml")
     srv.set_defaults(func=cmd_serve)
+
+    fr = sub.add_parser("front", help="write an HAProxy front that refuses completions past the service's capacity")
+    fr.add_argument("config", type=_existing_path, help="the Serve config the service runs, e.g. serve_config.yaml")
+    fr.add_argument("--out", required=True, help="directory for haproxy.cfg and the response files it reads")
+    fr.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT the front listens on (default %(default)s)")
+    fr.add_argument(
+        "--backend",
+        action="append",
+        metavar="HOST:PORT",
+        help="a Serve HTTP proxy (repeatable, one per node); default: the config's http_options, else 127.0.0.1:8000",
+    )
+    fr.add_argument(
+        "--max-inflight",
+        type=_positive_int,
+        help="completions in flight to Serve past which the front refuses; default: server.max_inflight_requests "
+        "(or the derived ingress bound) x the ingress's replicas (max_replicas with autoscaling)",
+    )
+    fr.set_defaults(func=cmd_front)
 
     # Subcommands owned by the other parts; their modules import nothing heavy at module level.
     from deployments.models.adapters_cli import register as register_adapter
