@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import aiohttp
 import httpx
 import psutil
 
-from bench.common import percentile, print_table, save
+from bench.common import haproxy_running, percentile, print_table, save
 
 PORT = 8140  # this helper's port for a self-hosted run
 
@@ -361,15 +364,18 @@ def _refusals(res: list[tuple[float, Reply]]) -> dict:
     # queued, then timed out at the specialist) is counted apart, never timed as a refusal.
     refused = [(dt, r) for dt, r in res if r.status_code == 503 and r.json()["error"].get("code") == "overloaded"]
     lat = [dt for dt, _ in refused]
-    # Which bound refused, as the service says in X-Refused-By: "ingress" (the ingress replica's total),
-    # "specialist" (its per-specialist share, before any handle call), "queue" (Ray's queue behind the handle).
+    # Which bound refused, as the service says in X-Refused-By: "front" (HAProxy, `consilium front`, before
+    # Serve), "ingress" (the ingress replica's total), "specialist" (its per-specialist share, before any
+    # handle call), "queue" (Ray's queue behind the handle).
     by = Counter(r.headers.get("x-refused-by", "unknown") for _, r in refused)
     return {
         "sent": len(res),
         "ok": sum(r.status_code == 200 for _, r in res),
         "waited": sum(r.status_code == 0 for _, r in res),  # admitted, unanswered after PROBE_TIMEOUT_S
         "503": len(refused),
-        "503_by_ingress | specialist | queue": " | ".join(str(by[k]) for k in ("ingress", "specialist", "queue"))
+        "503_by_front | ingress | specialist | queue": " | ".join(
+            str(by[k]) for k in ("front", "ingress", "specialist", "queue")
+        )
         + (f" (+{by['unknown']} unattributed)" if by["unknown"] else ""),
         "refused_by": dict(by),
         "503_p50_ms": percentile(lat, 50) * 1000,
@@ -447,12 +453,13 @@ async def overload(
 
 
 PROBES = (
-    f"  probes 503 | 200 | hung up after {PROBE_TIMEOUT_S:.0f} s, of sent (refused by ingress | specialist | Ray queue)"
+    f"  probes 503 | 200 | hung up after {PROBE_TIMEOUT_S:.0f} s, of sent (refused by front | ingress | specialist | "
+    "Ray queue)"
 )
 
 
 def probes_row(r: dict) -> str:
-    return f"{r['503']} | {r['ok']} | {r['waited']} of {r['sent']} ({r['503_by_ingress | specialist | queue']})"
+    return f"{r['503']} | {r['ok']} | {r['waited']} of {r['sent']} ({r['503_by_front | ingress | specialist | queue']})"
 
 
 def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
@@ -533,8 +540,8 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
             "value": f"{burst['503']} | {burst['ok']} | {burst['still_running_after_10s']}",
         },
         {
-            "measure": "  burst 503s refused by ingress | specialist | Ray queue",
-            "value": burst["503_by_ingress | specialist | queue"],
+            "measure": "  burst 503s refused by front | ingress | specialist | Ray queue",
+            "value": burst["503_by_front | ingress | specialist | queue"],
         },
         {
             "measure": "503 has Retry-After | OpenAI error body (all)",
@@ -686,6 +693,21 @@ def start_service(graph: dict) -> str:
     return f"http://127.0.0.1:{PORT}"
 
 
+@contextlib.contextmanager
+def front_for(graph: dict, url: str) -> Iterator[str]:
+    """`consilium front` for the graph (its bound derived from the config, as the CLI does), HAProxy running on
+    PORT + 1 in front of the service at `url`; yields the front's URL."""
+    from deployments.config import parse_graph_config
+    from deployments.front import Address, plan_front, write_front
+
+    listen = Address("127.0.0.1", PORT + 1)
+    backend = Address("127.0.0.1", httpx.URL(url).port)
+    plan = plan_front(parse_graph_config(graph), listen=listen, backends=(backend,))
+    with tempfile.TemporaryDirectory() as tmp, haproxy_running(write_front(plan, Path(tmp)), listen.host, listen.port):
+        print(f"front: HAProxy on {listen}, refusing completions past {plan.max_inflight} in flight")
+        yield f"http://{listen}"
+
+
 def engine_stats_reader(name: str):
     from ray import serve
 
@@ -716,6 +738,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     ap.add_argument("--start", action="store_true", help=f"host configs/zoo.yaml on port {PORT} for the run")
     ap.add_argument(
+        "--front",
+        action="store_true",
+        help=f"with --start: send every request through `consilium front` (HAProxy, port {PORT + 1})",
+    )
+    ap.add_argument(
         "--sections", default="inprocess,engines,load,fanout", help="comma-separated: inprocess, engines, load, fanout"
     )
     ap.add_argument("--quick", action="store_true", help="fewer requests per level")
@@ -728,6 +755,8 @@ def main() -> None:
         "specialists.medical.stream_interval_s=0.02 (repeatable)",
     )
     args = ap.parse_args()
+    if args.front and not args.start:
+        raise SystemExit("--front needs --start (against a running service, point --url at your front instead)")
     sections = set(args.sections.split(","))
     stats = None
     if args.start:
@@ -740,12 +769,19 @@ def main() -> None:
         graph = tiny_graph(Path(args.zoo))
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("serve_bench only targets a service on this machine (loopback)")
+    with contextlib.ExitStack() as stack:
+        if args.front:
+            args.url = stack.enter_context(front_for(graph, args.url))
+        run_sections(args, graph, stats, sections)
+
+
+def run_sections(args: argparse.Namespace, graph: dict, stats, sections: set[str]) -> None:
     try:
         if "inprocess" in sections:
             print("saved", save("engine_alone", engine_alone(Path(args.zoo))))
         if "engines" in sections:
             rows = engines_section(args.url, graph, stats, args.quick)
-            print("saved", save("serve_engines", rows, url=args.url, self_hosted=args.start))
+            print("saved", save("serve_engines", rows, url=args.url, self_hosted=args.start, front=args.front))
         if sections & {"load", "fanout"}:
             classic(args, sections)
     finally:

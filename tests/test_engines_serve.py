@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -196,14 +197,8 @@ def test_logprobs_over_http(url: str) -> None:
 INGRESS_BOUND = 3
 
 
-@pytest.fixture(scope="module")
-def adm_url(url: str, zoo: Path) -> str:
-    """A second app on the same cluster, under a route prefix: the ingress admits 3 completions at once."""
-    from ray import serve
-
-    from deployments.app import build_graph
-    from deployments.config import parse_graph_config
-
+def adm_args(zoo: Path) -> dict:
+    """general alone (every prompt goes there); the ingress admits 3 completions at once."""
     args = load_args(zoo)
     general = args["specialists"][0]
     general["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 16, "max_queued_requests": 16}
@@ -211,7 +206,18 @@ def adm_url(url: str, zoo: Path) -> str:
     args["router"] = {"top_k": 1, "fallback": "general", "domain_to_specialist": {d: "general" for d in DOMAINS}}
     args["server"]["max_inflight_requests"] = INGRESS_BOUND
     args["server"]["deployment"] = {"num_cpus": 0.1, "max_ongoing_requests": 16, "retry_after_s": 3}
-    serve.run(build_graph(parse_graph_config(args)), name="adm", route_prefix="/adm")
+    return args
+
+
+@pytest.fixture(scope="module")
+def adm_url(url: str, zoo: Path) -> str:
+    """A second app on the same cluster, under a route prefix: adm_args."""
+    from ray import serve
+
+    from deployments.app import build_graph
+    from deployments.config import parse_graph_config
+
+    serve.run(build_graph(parse_graph_config(adm_args(zoo))), name="adm", route_prefix="/adm")
     return f"{url}/adm"
 
 
@@ -264,6 +270,68 @@ def test_ingress_admission_refuses_before_routing_and_gives_every_slot_back(adm_
             assert (await client.post(chat, json=body(4))).status_code == 200  # capacity is back
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs Debian's haproxy (`make test` installs it as root)")
+def test_haproxy_front_refuses_past_the_bound_before_serve(adm_url: str, zoo: Path, tmp_path: Path) -> None:
+    """`consilium front` for the adm app: the 4th completion is refused by HAProxy, never reaching Serve, with the
+    ingress's own answer; everything else passes through, streams included, and hang-ups free Serve's slots."""
+    from bench.common import free_port, haproxy_running
+    from deployments.config import parse_graph_config
+    from deployments.front import Address, plan_front, write_front
+
+    serve_proxy = Address("127.0.0.1", httpx.URL(adm_url).port)
+    listen = Address("127.0.0.1", free_port())
+    plan = plan_front(parse_graph_config(adm_args(zoo)), listen=listen, backends=(serve_proxy,), route_prefix="/adm")
+    assert plan.max_inflight == INGRESS_BOUND  # derived from the config, as the CLI does
+    front = f"http://{listen}/adm"
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            # The reference: greedy answers straight from Serve, before the front is involved.
+            direct = (await client.post(f"{adm_url}/v1/chat/completions", json=body(12))).json()
+            chat = f"{front}/v1/chat/completions"
+            held = [client.stream("POST", chat, json=body(400, stream=True)) for _ in range(INGRESS_BOUND)]
+            lines = []
+            for cm in held:
+                lines.append((await cm.__aenter__()).aiter_lines())
+                async for line in lines[-1]:
+                    if line.startswith("data: {"):
+                        break
+            before = await adm_stats()
+            assert before["inflight"] == INGRESS_BOUND
+            refused = await client.post(chat, json=body(4))
+            assert refused.status_code == 503 and refused.headers["x-refused-by"] == "front"
+            assert refused.headers["retry-after"] == "3" and refused.headers.get("x-request-id")
+            # The same request sent past the front: the ingress's refusal, word for word.
+            at_ingress = await client.post(f"{adm_url}/v1/chat/completions", json=body(4))
+            assert at_ingress.status_code == 503 and at_ingress.headers["x-refused-by"] == "ingress"
+            assert refused.json() == at_ingress.json()
+            after = await adm_stats()  # the front's refusal never reached Serve: only the direct one counted
+            assert (after["admitted"], after["refused"]) == (before["admitted"], before["refused"] + 1)
+            assert (await client.get(f"{front}/health")).status_code == 200  # other routes pass, never counted
+            # Two clients hang up mid-stream at the front; the third reads to the end.
+            for cm in held[:2]:
+                await cm.__aexit__(None, None, None)
+            async for _ in lines[2]:
+                pass
+            await held[2].__aexit__(None, None, None)
+            deadline = time.monotonic() + 15
+            while (s := await adm_stats())["inflight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert s["inflight"] == 0  # the hang-ups reached Serve through the front and freed the slots
+            # Through the front: the same greedy answer, whole and streamed.
+            whole = (await client.post(chat, json=body(12))).json()
+            assert whole["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+            streamed = []
+            async with client.stream("POST", chat, json=body(12, stream=True)) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        streamed.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+            assert "".join(streamed) == direct["choices"][0]["message"]["content"]
+
+    with haproxy_running(write_front(plan, tmp_path / "front"), listen.host, listen.port):
+        asyncio.run(scenario())
 
 
 @pytest.fixture(scope="module")
