@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -231,19 +232,36 @@ async def adm_stats(deployment: str = "router") -> dict:
     return await (handle.admission_stats if deployment == "router" else handle.engine_stats).remote()
 
 
+async def hold_streams(client: httpx.AsyncClient, url: str, n: int) -> list[tuple[Any, Any]]:
+    """n 400-token streams that have started answering: (open stream, its line iterator) pairs."""
+    held = []
+    for _ in range(n):
+        cm = client.stream("POST", url, json=body(400, stream=True))
+        lines = (await cm.__aenter__()).aiter_lines()
+        async for line in lines:
+            if line.startswith("data: {"):
+                break
+        held.append((cm, lines))
+    return held
+
+
+async def release_streams(held: list[tuple[Any, Any]]) -> None:
+    """Every client but the last hangs up mid-stream; the last reads its stream to the end."""
+    for cm, _ in held[:-1]:
+        await cm.__aexit__(None, None, None)
+    cm, lines = held[-1]
+    async for _ in lines:
+        pass
+    await cm.__aexit__(None, None, None)
+
+
 def test_ingress_admission_refuses_before_routing_and_gives_every_slot_back(adm_url: str) -> None:
     chat = f"{adm_url}/v1/chat/completions"
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             # Hold the bound with three streams that have started answering.
-            held = [client.stream("POST", chat, json=body(400, stream=True)) for _ in range(INGRESS_BOUND)]
-            lines = []
-            for cm in held:
-                lines.append((await cm.__aenter__()).aiter_lines())
-                async for line in lines[-1]:
-                    if line.startswith("data: {"):
-                        break
+            held = await hold_streams(client, chat, INGRESS_BOUND)
             assert (await adm_stats())["inflight"] == INGRESS_BOUND
             engine_before = await adm_stats("specialist-general")
             refused = await client.post(chat, json=body(4))
@@ -255,11 +273,7 @@ def test_ingress_admission_refuses_before_routing_and_gives_every_slot_back(adm_
             assert (await adm_stats("specialist-general"))["prefilled_rows"] == engine_before["prefilled_rows"]
             assert (await client.get(f"{adm_url}/health")).status_code == 200  # not counted, not refused
             # Two clients hang up mid-stream; the third reads its stream to the end.
-            for cm in held[:2]:
-                await cm.__aexit__(None, None, None)
-            async for _ in lines[2]:
-                pass
-            await held[2].__aexit__(None, None, None)
+            await release_streams(held)
             # Errors pass through the counter too: a bad body (400) and an unknown model (404).
             assert (await client.post(chat, content=b"{not json")).status_code == 400
             assert (await client.post(chat, json=body(4, model="nobody"))).status_code == 404
@@ -291,13 +305,7 @@ def test_haproxy_front_refuses_past_the_bound_before_serve(adm_url: str, zoo: Pa
             # The reference: greedy answers straight from Serve, before the front is involved.
             direct = (await client.post(f"{adm_url}/v1/chat/completions", json=body(12))).json()
             chat = f"{front}/v1/chat/completions"
-            held = [client.stream("POST", chat, json=body(400, stream=True)) for _ in range(INGRESS_BOUND)]
-            lines = []
-            for cm in held:
-                lines.append((await cm.__aenter__()).aiter_lines())
-                async for line in lines[-1]:
-                    if line.startswith("data: {"):
-                        break
+            held = await hold_streams(client, chat, INGRESS_BOUND)
             before = await adm_stats()
             assert before["inflight"] == INGRESS_BOUND
             refused = await client.post(chat, json=body(4))
@@ -311,11 +319,7 @@ def test_haproxy_front_refuses_past_the_bound_before_serve(adm_url: str, zoo: Pa
             assert (after["admitted"], after["refused"]) == (before["admitted"], before["refused"] + 1)
             assert (await client.get(f"{front}/health")).status_code == 200  # other routes pass, never counted
             # Two clients hang up mid-stream at the front; the third reads to the end.
-            for cm in held[:2]:
-                await cm.__aexit__(None, None, None)
-            async for _ in lines[2]:
-                pass
-            await held[2].__aexit__(None, None, None)
+            await release_streams(held)
             deadline = time.monotonic() + 15
             while (s := await adm_stats())["inflight"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
