@@ -157,6 +157,7 @@ def cmd_front(args: argparse.Namespace) -> int:
             backends=backends or (serve_proxy or parse_address("127.0.0.1:8000", "--backend"),),
             route_prefix=route_prefix,
             max_inflight=args.max_inflight,
+            metrics=parse_address(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None,
         )
         cfg = write_front(plan, Path(args.out))
     except (ConfigError, FrontError) as err:
@@ -169,7 +170,9 @@ def cmd_front(args: argparse.Namespace) -> int:
     backends_text = ", ".join(str(b) for b in plan.backends)
     print(
         f"consilium: wrote {cfg}: listens on {plan.listen}, forwards to Serve at {backends_text}, refuses "
-        f"completions past {plan.max_inflight} in flight{'' if haproxy else ' (haproxy not installed: not checked)'}"
+        f"completions past {plan.max_inflight} in flight"
+        + (f", metrics at http://{plan.metrics}/metrics" if plan.metrics else "")
+        + ("" if haproxy else " (haproxy not installed: not checked)")
     )
     print(f"run it with: haproxy -f {cfg}")
     return 0
@@ -225,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="completions in flight to Serve past which the front refuses; default: server.max_inflight_requests "
         "(or the derived ingress bound) x the ingress's replicas (max_replicas with autoscaling)",
+    )
+    fr.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve HAProxy's Prometheus metrics (the front's refusals, completions in flight) at HOST:PORT/metrics",
     )
     fr.set_defaults(func=cmd_front)
 

@@ -64,6 +64,7 @@ class FrontPlan:
     retry_after_low: int  # Retry-After drawn in whole seconds in [low, high] (the ingress's RetryAfter)
     retry_after_high: int
     timeout_s: int  # client and server inactivity timeouts: longer than any request may run
+    metrics: Address | None = None  # where HAProxy's Prometheus exporter listens (None: not exported)
 
 
 def serve_settings(data: dict[str, Any]) -> tuple[str, Address | None]:
@@ -96,6 +97,7 @@ def plan_front(
     backends: tuple[Address, ...],
     route_prefix: str = "/",
     max_inflight: int | None = None,
+    metrics: Address | None = None,
 ) -> FrontPlan:
     if not backends:
         raise FrontError("backend: at least one Serve HTTP proxy address is needed")
@@ -112,6 +114,7 @@ def plan_front(
         retry_after_low=low,
         retry_after_high=high,
         timeout_s=math.ceil(config.server.request_timeout_s) + STREAM_MARGIN_S,
+        metrics=metrics,
     )
 
 
@@ -159,6 +162,19 @@ def render_haproxy(plan: FrontPlan, files: Path) -> str:
     )
     plain = "\n".join(f"    server serve{i} {b} check" for i, b in enumerate(plan.backends))
     errorfiles = "\n".join(f"    errorfile {s} {files / f'{s}.http'}" for s in sorted(ERROR_PAGES))
+    metrics = (
+        ""
+        if plan.metrics is None
+        else f"""
+# Prometheus: the front's refusals are haproxy_frontend_intercepted_requests_total{{proxy="consilium"}} (the
+# refusal is that frontend's only intercepting rule; they never reach Serve, so Serve's metrics do not see
+# them) and the completions in flight haproxy_backend_current_sessions{{proxy="completions"}}.
+frontend metrics
+    bind {plan.metrics}
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    http-request return status 404 content-type text/plain string "/metrics only"
+"""
+    )
     return f"""\
 # Written by `consilium front`: completions past {plan.max_inflight} in flight are refused here (503 +
 # Retry-After, OpenAI-shaped, X-Refused-By: front) before they reach Serve. Run: haproxy -f THIS_FILE
@@ -202,7 +218,7 @@ backend completions
 backend other
     option httpchk GET /-/healthz
 {plain}
-"""
+{metrics}"""
 
 
 def write_front(plan: FrontPlan, out: Path) -> Path:

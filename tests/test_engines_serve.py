@@ -295,8 +295,10 @@ def test_haproxy_front_refuses_past_the_bound_before_serve(adm_url: str, zoo: Pa
     from deployments.front import Address, plan_front, write_front
 
     serve_proxy = Address("127.0.0.1", httpx.URL(adm_url).port)
-    listen = Address("127.0.0.1", free_port())
-    plan = plan_front(parse_graph_config(adm_args(zoo)), listen=listen, backends=(serve_proxy,), route_prefix="/adm")
+    listen, metrics = Address("127.0.0.1", free_port()), Address("127.0.0.1", free_port())
+    plan = plan_front(
+        parse_graph_config(adm_args(zoo)), listen=listen, backends=(serve_proxy,), route_prefix="/adm", metrics=metrics
+    )
     assert plan.max_inflight == INGRESS_BOUND  # derived from the config, as the CLI does
     front = f"http://{listen}/adm"
 
@@ -318,6 +320,10 @@ def test_haproxy_front_refuses_past_the_bound_before_serve(adm_url: str, zoo: Pa
             after = await adm_stats()  # the front's refusal never reached Serve: only the direct one counted
             assert (after["admitted"], after["refused"]) == (before["admitted"], before["refused"] + 1)
             assert (await client.get(f"{front}/health")).status_code == 200  # other routes pass, never counted
+            # Its Prometheus exporter: one refusal, the three held streams in flight.
+            scraped = (await client.get(f"http://{metrics}/metrics")).text
+            assert 'haproxy_frontend_intercepted_requests_total{proxy="consilium"} 1' in scraped
+            assert 'haproxy_backend_current_sessions{proxy="completions"} 3' in scraped
             # Two clients hang up mid-stream at the front; the third reads to the end.
             await release_streams(held)
             deadline = time.monotonic() + 15

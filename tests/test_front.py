@@ -72,6 +72,7 @@ def test_plan_follows_the_config_and_the_refusal_is_the_ingress_s_own() -> None:
     assert "acl full be_conn(completions) ge 512" in text
     assert f'hdr Retry-After "%[rand({plan.retry_after_high - plan.retry_after_low + 1}),add(' in text
     assert "timeout server 130s" in text and "bind 0.0.0.0:8080" in text
+    assert "prometheus-exporter" not in text  # metrics only when asked for
     assert plan_front(cfg, listen=LOCAL, backends=(LOCAL,), max_inflight=7).max_inflight == 7
     with pytest.raises(FrontError, match="backend"):
         plan_front(cfg, listen=LOCAL, backends=())
@@ -94,8 +95,10 @@ def test_serve_settings_and_addresses() -> None:
 def test_haproxy_accepts_what_the_cli_writes_for_every_shipped_config(tmp_path: Path, capsys) -> None:
     for config in ("serve_config.yaml", "configs/zoo.yaml", "configs/embedded.yaml"):
         out = tmp_path / Path(config).stem
-        assert main(["front", str(REPO / config), "--out", str(out), "--backend", "10.0.0.2:8000"]) == 0
+        argv = ["front", str(REPO / config), "--out", str(out), "--backend", "10.0.0.2:8000"]
+        assert main([*argv, "--metrics-listen", "127.0.0.1:8405"]) == 0
         said = capsys.readouterr().out
+        assert "metrics at http://127.0.0.1:8405/metrics" in said
         assert f"wrote {out / 'haproxy.cfg'}" in said and "not checked" not in said  # the CLI ran `haproxy -c`
         check = subprocess.run([HAPROXY, "-c", "-f", str(out / "haproxy.cfg")], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
@@ -107,6 +110,7 @@ def test_cli_names_the_bad_value(tmp_path: Path, capsys) -> None:
         (["--listen", "localhost"], "--listen 'localhost': expected HOST:PORT"),
         (["--backend", "10.0.0.2:99999"], "--backend '10.0.0.2:99999': expected HOST:PORT"),
         (["--out", str(tmp_path / "with space")], "a directory path without spaces"),
+        (["--metrics-listen", "8405"], "--metrics-listen '8405': expected HOST:PORT"),
     ]
     for extra, message in cases:
         argv = ["front", str(REPO / "configs" / "zoo.yaml"), "--out", str(tmp_path / "f"), *extra]
