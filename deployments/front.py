@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import GraphConfig
+from deployments.middleware import RetryAfter
 from deployments.protocol import error_body
 
 COMPLETION_ROUTES = ("v1/chat/completions", "v1/completions")  # what the ingress's own bound counts, too
@@ -76,10 +77,10 @@ def serve_settings(data: dict[str, Any]) -> tuple[str, Address | None]:
     if not isinstance(prefix, str) or not prefix.startswith("/") or any(c.isspace() for c in prefix):
         raise FrontError(f"applications[0].route_prefix {prefix!r}: expected a path starting with '/'")
     http = data.get("http_options") or {}
-    host = str(http.get("host", "127.0.0.1"))
+    host, port = str(http.get("host", "127.0.0.1")), http.get("port", 8000)
     if host in ("0.0.0.0", "::", ""):  # listening on every interface: reach it on loopback
         host = "127.0.0.1"
-    return prefix, Address(host, int(http.get("port", 8000)))
+    return prefix, parse_address(f"{host}:{port}", "http_options (host:port)")
 
 
 def service_capacity(config: GraphConfig) -> int:
@@ -103,9 +104,8 @@ def plan_front(
         raise FrontError("backend: at least one Serve HTTP proxy address is needed")
     if max_inflight is not None and max_inflight < 1:
         raise FrontError(f"max_inflight {max_inflight!r}: expected a positive integer")
-    r = config.server.deployment.retry_after_s
-    low = max(1, math.ceil(r or 1.0))  # as deployments.middleware.RetryAfter.seconds: whole seconds, never 0
-    high = max(low, math.ceil((r or 1.0) * (1 + config.server.retry_after_spread)))
+    # The range the ingress draws its own refusals' Retry-After in.
+    low, high = RetryAfter(config.server.retry_after_spread).range(config.server.deployment.retry_after_s)
     return FrontPlan(
         listen=listen,
         backends=backends,

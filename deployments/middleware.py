@@ -35,9 +35,13 @@ class RetryAfter:
     def configure(self, spread: float, seed: int | None = None) -> None:
         self.spread, self.rng = spread, random.Random(seed)
 
-    def seconds(self, retry_after_s: float | None) -> int:
+    def range(self, retry_after_s: float | None) -> tuple[int, int]:
+        """The whole seconds a refusal's Retry-After is drawn in (the HAProxy front draws in the same range)."""
         low = max(1, math.ceil(retry_after_s or 1.0))  # whole seconds, rounded up (RFC 9110), never 0
-        high = max(low, math.ceil((retry_after_s or 1.0) * (1 + self.spread)))
+        return low, max(low, math.ceil((retry_after_s or 1.0) * (1 + self.spread)))
+
+    def seconds(self, retry_after_s: float | None) -> int:
+        low, high = self.range(retry_after_s)
         return low if high == low else self.rng.randint(low, high)
 
 

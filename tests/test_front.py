@@ -84,6 +84,8 @@ def test_serve_settings_and_addresses() -> None:
     assert serve_settings({"specialists": []}) == ("/", None)  # a bare graph config has no proxy address
     with pytest.raises(FrontError, match="route_prefix 'api'"):
         serve_settings({"applications": [{"route_prefix": "api"}]})
+    with pytest.raises(FrontError, match="http_options"):
+        serve_settings({"applications": [{}], "http_options": {"port": "eighty"}})
     assert parse_address("[::1]:9000", "--listen") == Address("::1", 9000)
     assert str(Address("::1", 9000)) == "[::1]:9000"
     for bad in ("8080", "host:", "host:0", "host:70000", ":80", "ho st:80", "h#x:80"):
