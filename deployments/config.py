@@ -97,6 +97,13 @@ class DeploymentOptions(_Strict):
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="At most this many replicas of the deployment per node (spreads across nodes)."
     )
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        description="How long a stopping replica (scale-down, redeploy, shutdown) waits for its requests in "
+        "flight before it is killed; None: Serve's default (20 s), which cuts off longer streams.",
+    )
     max_batch_size: int = Field(8, ge=1, le=1024, description="Dynamic batch size (@serve.batch, merger only).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill.")
 
@@ -117,6 +124,8 @@ class DeploymentOptions(_Strict):
         }
         if self.max_replicas_per_node is not None:
             opts["max_replicas_per_node"] = self.max_replicas_per_node
+        if self.graceful_shutdown_timeout_s is not None:
+            opts["graceful_shutdown_timeout_s"] = self.graceful_shutdown_timeout_s
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
         else:

@@ -245,10 +245,11 @@ def test_placement_and_autoscaling_options_reach_serve() -> None:
         {
             "num_gpus": 1,
             "max_replicas_per_node": 1,
+            "graceful_shutdown_timeout_s": 330,
             "autoscaling": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 1, "downscale_delay_s": 4},
         }
     ).serve_options()
-    assert opts["max_replicas_per_node"] == 1
+    assert opts["max_replicas_per_node"] == 1 and opts["graceful_shutdown_timeout_s"] == 330
     # Unset knobs are left out, so Serve keeps its own defaults for them.
     assert opts["autoscaling_config"] == {
         "min_replicas": 1,
@@ -257,7 +258,7 @@ def test_placement_and_autoscaling_options_reach_serve() -> None:
         "upscale_delay_s": 1,
         "downscale_delay_s": 4,
     }
-    assert "max_replicas_per_node" not in DeploymentOptions().serve_options()
+    assert not {"max_replicas_per_node", "graceful_shutdown_timeout_s"} & set(DeploymentOptions().serve_options())
 
 
 def test_look_back_shorter_than_metrics_interval_is_a_config_error() -> None:

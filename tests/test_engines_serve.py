@@ -359,7 +359,14 @@ def spa_url(url: str, zoo: Path) -> str:
         "name": "hanger",
         "timeout_s": 6,
         "ttft_timeout_s": 2,
-        "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 2, "max_queued_requests": 1, "retry_after_s": 2},
+        "deployment": {
+            "num_cpus": 0.1,
+            "max_ongoing_requests": 2,
+            "max_queued_requests": 1,
+            "retry_after_s": 2,
+            # Serve's shutdown would wait its default 20 s for the wedged requests: this replica has nothing to finish.
+            "graceful_shutdown_timeout_s": 1,
+        },
     }
     args["specialists"] = [general, hanger]
     args["router"] = fan_out_to("hanger")
