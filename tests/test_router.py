@@ -219,6 +219,28 @@ def test_shipped_router_on_unseen_sources(shipped: TinyAda) -> None:
     assert min(m["recall"] for m in report.per_domain.values()) > 0.72, report.render()
 
 
+# Written before any of them was scored (seventh round); none is in the corpus in this form or needs to be.
+CHIT_CHAT = [
+    *("hi", "hello", "hello there", "hey", "good morning", "good night", "thanks!", "thank you so much"),
+    *("ok", "okay", "lol", "bye", "see you later", "how are you?", "how's it going", "tell me a joke"),
+    *("what's your name?", "are you a bot?", "who made you?", "nice to meet you", "yes", "no", "maybe"),
+    *("cool", "great, thanks", "what can you do?", "help", "sorry", "I'm bored", "good job"),
+]
+
+
+def test_shipped_router_sends_chit_chat_to_general(shipped: TinyAda) -> None:
+    """Small talk goes to general alone. The sixth round's artifact sent 8 of these 30 elsewhere (`hi` and
+    `ok` to medical, `lol`, `no`, `help` to code); this floor is what the seventh round reached (6, all
+    single words or `good job`), so a regression fails here."""
+    from router.policy import RoutingPolicy
+
+    policy = RoutingPolicy(thresholds=shipped.config.thresholds, fallback="general")
+    astray = {t: policy.decide(shipped.score(t)).specialists for t in CHIT_CHAT}
+    astray = {t: chosen for t, chosen in astray.items() if chosen != ["general"]}
+    assert len(astray) <= 6, astray
+    assert not {"hi", "no", "hello", "how are you?", "tell me a joke", "thanks!"} & set(astray), astray
+
+
 def test_shipped_artifact_loads_to_identical_scores(shipped: TinyAda) -> None:
     again = TinyAda.load(shipped_router_path())
     for text in [t for ts in CANARIES.values() for t in ts]:
@@ -276,6 +298,9 @@ def _fixture_mirror(root: Path) -> str:
         "Doctor, I have been feeling dizzy and my ankles are swollen.",
     ]
     (repo / "chat.json").write_text(json.dumps([{"instruction": "x", "input": q, "output": "y"} for q in chat]))
+    turns = [["hi", "greeting"], ["no thanks", "no"], ["what is the weather like in boston today", "weather"]]
+    clinc = {"train": turns}
+    (repo / "clinc.json").write_text(json.dumps({**clinc, "val": [["ok", "yes"]]}))
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "fixture")
     return _git(repo, "rev-parse", "HEAD")
@@ -291,6 +316,9 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
         ),
         bc.Source("mixed", "acme/prompts", commit, ["mixed.tsv.gz"], bc._tsv_gz_column(1), "relabel", "MIT"),
         bc.Source("chat", "acme/prompts", commit, ["chat.json"], bc._genmedgpt, "medical", "Apache-2.0"),
+        # CLINC's short turns, kept though under 2 words / 8 characters; the same file read as a plain source
+        bc.Source("clinc-short", "acme/prompts", commit, ["clinc.json"], bc._clinc_short, "general", "-", short=True),
+        bc.Source("clinc150", "acme/prompts", commit, ["clinc.json"], bc._clinc, "general", "-"),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -316,7 +344,11 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     by_name = {m["name"]: m for m in manifest["sources"]}
     assert by_name["mixed"]["dropped_near_heldout"] == 1
     assert by_name["chat"]["dropped_duplicate"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit, commit, commit]
+    assert [m["commit"] for m in manifest["sources"]] == [commit] * 5
+    assert trained["hi"] == trained["ok"] == trained["no thanks"] == ["general"]
+    assert by_name["clinc-short"]["kept"] == 3 and by_name["clinc150"]["kept"] == 1  # the 8-word one
+    assert by_name["clinc150"]["dropped_unusable"] == 2  # "hi" and "ok" are fragments to a plain source
+    assert by_name["clinc150"]["dropped_duplicate_across_sources"] == 1  # "no thanks", taken by clinc-short
     bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
     with pytest.raises(bc.CorpusError, match="lacks pinned commit"):
         bc.build(tmp_path / "mirrors", bad, handwritten=None)

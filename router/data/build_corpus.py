@@ -56,6 +56,7 @@ class Source:
     licence: str
     heldout: bool = False  # whole source reserved for evaluation
     cap: int = 0  # keep at most this many per label (0: all), chosen by hash, for balance across sources
+    short: bool = False  # keep prompts under 2 words / 8 characters ("hi", "ok"): a source of short turns
     notes: str = ""
 
 
@@ -126,6 +127,21 @@ def _clinc(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
         for split in sorted(data):
             for text, _intent in data[split]:
                 yield text
+
+
+SHORT_WORDS = 2  # clinc-short: utterances of at most this many words
+
+
+def _clinc_short(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    """CLINC150's utterances of at most SHORT_WORDS words ("hi", "yes", "no thanks", "see ya!").
+
+    Users open a chat with such turns; before this source the corpus held no prompt under 2 words or 8
+    characters (`clean` drops them from every other source), so a bare "hi" or "ok" was routed on the
+    weight of a few character n-grams (round 6: `hi` -> medical, `ok` -> medical, `lol` -> code).
+    """
+    for text in _clinc(get, paths):
+        if len(text.split()) <= SHORT_WORDS:
+            yield text
 
 
 def _rqe(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
@@ -389,6 +405,17 @@ SOURCES: list[Source] = [
     ),
     # ---- general
     Source(
+        "clinc-short",  # sorts before clinc150, so it takes every short utterance before clinc150's cap
+        "clinc/oos-eval",
+        "828f8093932c8fe6ca7936c3d2e52903b1c523de",
+        ["data/data_full.json"],
+        _clinc_short,
+        "general",
+        "CC BY 3.0",
+        short=True,
+        notes="CLINC150 utterances of at most 2 words (SHORT_WORDS), uncapped, short ones kept",
+    ),
+    Source(
         "clinc150",
         "clinc/oos-eval",
         "828f8093932c8fe6ca7936c3d2e52903b1c523de",
@@ -634,11 +661,15 @@ SOURCES: list[Source] = [
 # ---------------------------------------------------------------- cleaning, labelling, splitting
 
 
-def clean(text: str) -> str | None:
-    """One prompt as a router sees it: NFKC, collapsed whitespace, at most MAX_CHARS; None if unusable."""
+def clean(text: str, short: bool = False) -> str | None:
+    """One prompt as a router sees it: NFKC, collapsed whitespace, at most MAX_CHARS; None if unusable.
+
+    Under 2 words or 8 characters is unusable unless `short` (a source of short turns): in the other
+    sources such a row is a fragment (a bare title, a heading), not a prompt.
+    """
     text = unicodedata.normalize("NFKC", text).replace("\u00a0", " ")
     text = re.sub(r"\s+", " ", text).strip()
-    if len(text) < 8 or len(text.split()) < 2:
+    if not text or (not short and (len(text) < 8 or len(text.split()) < 2)):
         return None
     letters = [c for c in text if c.isalpha()]
     if not letters or sum(c.isascii() for c in letters) / len(letters) < 0.9:
@@ -699,7 +730,7 @@ def _items(source: Source, get: Callable[[str], bytes]) -> tuple[list[dict], Cou
     rows: dict[str, dict] = {}
     for raw in source.reader(get, source.paths):
         stats["read"] += 1
-        text = clean(raw)
+        text = clean(raw, short=source.short)
         if text is None:
             stats["dropped_unusable"] += 1
             continue
