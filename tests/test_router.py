@@ -230,15 +230,15 @@ CHIT_CHAT = [
 
 def test_shipped_router_sends_chit_chat_to_general(shipped: TinyAda) -> None:
     """Small talk goes to general alone. The sixth round's artifact sent 8 of these 30 elsewhere (`hi` and
-    `ok` to medical, `lol`, `no`, `help` to code); this floor is what the seventh round reached (6, all
-    single words or `good job`), so a regression fails here."""
+    `ok` to medical, `lol`, `no`, `help` to code); this floor is what the seventh round reached (3: `lol`,
+    `help`, `good job`), so a regression fails here."""
     from router.policy import RoutingPolicy
 
     policy = RoutingPolicy(thresholds=shipped.config.thresholds, fallback="general")
     astray = {t: policy.decide(shipped.score(t)).specialists for t in CHIT_CHAT}
     astray = {t: chosen for t, chosen in astray.items() if chosen != ["general"]}
-    assert len(astray) <= 6, astray
-    assert not {"hi", "no", "hello", "how are you?", "tell me a joke", "thanks!"} & set(astray), astray
+    assert len(astray) <= 3, astray
+    assert not {"hi", "ok", "okay", "no", "cool", "hello", "how are you?", "thanks!"} & set(astray), astray
 
 
 def test_shipped_artifact_loads_to_identical_scores(shipped: TinyAda) -> None:
@@ -301,6 +301,9 @@ def _fixture_mirror(root: Path) -> str:
     turns = [["hi", "greeting"], ["no thanks", "no"], ["what is the weather like in boston today", "weather"]]
     clinc = {"train": turns}
     (repo / "clinc.json").write_text(json.dumps({**clinc, "val": [["ok", "yes"]]}))
+    head = "answerid;scenario;intent;answer_annotation;answer_from_anno;answer_from_user\n"
+    nlu = '1;general;praise;"well done";"well done";"well done."\n2;alarm;alarm_set;"x";"x";"wake me at six"\n'
+    (repo / "nlu.csv").write_text(head + nlu)
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "fixture")
     return _git(repo, "rev-parse", "HEAD")
@@ -319,6 +322,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
         # CLINC's short turns, kept though under 2 words / 8 characters; the same file read as a plain source
         bc.Source("clinc-short", "acme/prompts", commit, ["clinc.json"], bc._clinc_short, "general", "-", short=True),
         bc.Source("clinc150", "acme/prompts", commit, ["clinc.json"], bc._clinc, "general", "-"),
+        bc.Source("nlu", "acme/prompts", commit, ["nlu.csv"], bc._nlu_general, "general", "-", short=True),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -344,7 +348,8 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     by_name = {m["name"]: m for m in manifest["sources"]}
     assert by_name["mixed"]["dropped_near_heldout"] == 1
     assert by_name["chat"]["dropped_duplicate"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit] * 5
+    assert [m["commit"] for m in manifest["sources"]] == [commit] * 6
+    assert trained["well done."] == ["general"] and "wake me at six" not in trained  # the general scenario only
     assert trained["hi"] == trained["ok"] == trained["no thanks"] == ["general"]
     assert by_name["clinc-short"]["kept"] == 3 and by_name["clinc150"]["kept"] == 1  # the 8-word one
     assert by_name["clinc150"]["dropped_unusable"] == 2  # "hi" and "ok" are fragments to a plain source

@@ -144,6 +144,21 @@ def _clinc_short(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]
             yield text
 
 
+def _nlu_general(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+    """The user's words of the NLU Evaluation Data's `general` scenario (affirm, negate, praise, joke, repeat...)."""
+    for p in paths:
+        for row in csv.DictReader(io.StringIO(get(p).decode("utf-8")), delimiter=";"):
+            if row.get("scenario") == "general" and row.get("answer_from_user"):
+                yield row["answer_from_user"]
+
+
+NLU_FOLDS = "CrossValidation/autoGeneFromRealAnno/autoGene_2018_03_22-13_01_25_169/CrossValidation"
+NLU_GENERAL = [
+    *("affirm", "commandstop", "confirm", "dontcare", "explain"),
+    *("joke", "negate", "praise", "quirky", "repeat"),
+]
+
+
 def _rqe(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
     for p in paths:
         root = ET.fromstring(get(p))
@@ -414,6 +429,19 @@ SOURCES: list[Source] = [
         "CC BY 3.0",
         short=True,
         notes="CLINC150 utterances of at most 2 words (SHORT_WORDS), uncapped, short ones kept",
+    ),
+    Source(
+        "nlu-general",
+        "xliuhw/NLU-Evaluation-Data",
+        "f6071b496b17d71e6eb43f543af0707f4ff30557",
+        # The ten folds' test sets together hold every utterance once (the repo's all-in-one CSV is not in the
+        # snapshot).
+        [f"{NLU_FOLDS}/KFold_{k}/testset/csv/general_{i}.csv" for k in range(1, 11) for i in NLU_GENERAL],
+        _nlu_general,
+        "general",
+        "CC BY 4.0",
+        short=True,
+        notes="home-assistant users' small talk: affirm, negate, praise, jokes, repeat, stop",
     ),
     Source(
         "clinc150",
