@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import GraphConfig
-from deployments.middleware import RetryAfter
+from deployments.middleware import Admission, RetryAfter, overloaded_body
 from deployments.protocol import error_body
 
-COMPLETION_ROUTES = ("v1/chat/completions", "v1/completions")  # what the ingress's own bound counts, too
 STREAM_MARGIN_S = 30  # HAProxy's client/server timeouts sit this far past server.request_timeout_s
 
 
@@ -86,9 +85,7 @@ def serve_settings(data: dict[str, Any]) -> tuple[str, Address | None]:
 def service_capacity(config: GraphConfig) -> int:
     """Completions the whole service admits at once: the ingress bound x its replicas (max_replicas with
     autoscaling, for the reason `GraphConfig.specialist_capacity` gives)."""
-    d = config.server.deployment
-    replicas = d.autoscaling.max_replicas if d.autoscaling is not None else (d.num_replicas or 1)
-    return config.ingress_bound() * replicas
+    return config.ingress_bound() * config.server.deployment.replica_ceiling()
 
 
 def plan_front(
@@ -120,12 +117,7 @@ def plan_front(
 
 def refused_body(plan: FrontPlan) -> bytes:
     """The 503 body for a completion past the bound: the ingress's own refusal, word for word."""
-    body = error_body(
-        f"the service is at capacity ({plan.max_inflight} requests in flight); retry later",
-        "service_unavailable",
-        "overloaded",
-    )
-    return json.dumps(body).encode()
+    return json.dumps(overloaded_body(plan.max_inflight)).encode()
 
 
 # HAProxy's own errors (no Serve proxy reachable, a bad answer, a timeout) as raw HTTP responses.
@@ -154,7 +146,7 @@ def error_page(status: int, retry_after: int) -> bytes:
 def render_haproxy(plan: FrontPlan, files: Path) -> str:
     """HAProxy 2.6+ configuration for `plan`; `files` is where `write_front` puts the response files."""
     prefix = "" if plan.route_prefix == "/" else plan.route_prefix
-    routes = " ".join(f"{prefix}/{r}" for r in COMPLETION_ROUTES)
+    routes = " ".join(prefix + path for path in sorted(Admission.PATHS))  # what the ingress's bound counts
     spread = plan.retry_after_high - plan.retry_after_low
     retry = str(plan.retry_after_low) if spread == 0 else f"%[rand({spread + 1}),add({plan.retry_after_low})]"
     servers = "\n".join(

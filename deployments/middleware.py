@@ -108,6 +108,13 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+def overloaded_body(bound: int) -> dict[str, Any]:
+    """The OpenAI-shaped body of a refusal at a total bound (the ingress's, and the HAProxy front's)."""
+    return error_body(
+        f"the service is at capacity ({bound} requests in flight); retry later", "service_unavailable", "overloaded"
+    )
+
+
 class Admission:
     """The ingress replica's bound on completions in flight; `configure` sets it when the replica starts."""
 
@@ -149,11 +156,7 @@ class AdmissionMiddleware:
             return
         if a.inflight >= a.bound:
             a.refused += 1
-            body = error_body(
-                f"the service is at capacity ({a.bound} requests in flight); retry later",
-                "service_unavailable",
-                "overloaded",
-            )
+            body = overloaded_body(a.bound)
             retry = str(retry_after.seconds(a.retry_after_s)).encode()
             await _send_json(send, 503, body, [(b"retry-after", retry), (REFUSED_BY.encode(), b"ingress")])
             return
