@@ -113,6 +113,10 @@ class DeploymentOptions(_Strict):
             raise ValueError("set either num_replicas or autoscaling, not both")
         return self
 
+    def replica_ceiling(self) -> int:
+        """The most replicas this deployment may run: max_replicas with autoscaling, else num_replicas."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else (self.num_replicas or 1)
+
     def serve_options(self, queue_slack: int = 0) -> dict[str, Any]:
         """The keyword arguments for `Deployment.options(...)`; Ray's queue bound raised by queue_slack."""
         opts: dict[str, Any] = {
@@ -515,8 +519,8 @@ class GraphConfig(_Strict):
         out = {}
         for group, members in self.groups().items():
             d = members[0].deployment
-            replicas = d.autoscaling.max_replicas if d.autoscaling is not None else (d.num_replicas or 1)
-            out[group] = -(-(d.max_ongoing_requests + d.max_queued_requests) * replicas // self._ingress_replicas())
+            slots = (d.max_ongoing_requests + d.max_queued_requests) * d.replica_ceiling()
+            out[group] = -(-slots // self._ingress_replicas())
         return out
 
     def ingress_bound(self) -> int:
