@@ -94,11 +94,14 @@ def _jsonl_field(key: str) -> Reader:
     return read
 
 
-def _csv_field(key: str) -> Reader:
+def _csv_field(key: str, delimiter: str = ",", **where: str) -> Reader:
+    """Column `key` of every CSV row whose columns equal `where` (e.g. scenario="general")."""
+
     def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
         for p in paths:
-            for row in csv.DictReader(io.StringIO(get(p).decode("utf-8"))):
-                yield row[key]
+            for row in csv.DictReader(io.StringIO(get(p).decode("utf-8")), delimiter=delimiter):
+                if all(row.get(k) == v for k, v in where.items()):
+                    yield row[key]
 
     return read
 
@@ -144,18 +147,20 @@ def _clinc_short(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]
             yield text
 
 
-def _nlu_general(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
-    """The user's words of the NLU Evaluation Data's `general` scenario (affirm, negate, praise, joke, repeat...)."""
-    for p in paths:
-        for row in csv.DictReader(io.StringIO(get(p).decode("utf-8")), delimiter=";"):
-            if row.get("scenario") == "general" and row.get("answer_from_user"):
-                yield row["answer_from_user"]
-
-
+# The user's words of the NLU Evaluation Data's `general` scenario (affirm, negate, praise, joke, repeat...).
+_nlu_general = _csv_field("answer_from_user", delimiter=";", scenario="general")
 NLU_FOLDS = "CrossValidation/autoGeneFromRealAnno/autoGene_2018_03_22-13_01_25_169/CrossValidation"
 NLU_GENERAL = [
-    *("affirm", "commandstop", "confirm", "dontcare", "explain"),
-    *("joke", "negate", "praise", "quirky", "repeat"),
+    "affirm",
+    "commandstop",
+    "confirm",
+    "dontcare",
+    "explain",
+    "joke",
+    "negate",
+    "praise",
+    "quirky",
+    "repeat",
 ]
 
 
