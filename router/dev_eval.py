@@ -1,7 +1,7 @@
 """Source-disjoint dev score: leave whole training sources out (one per domain per fold), never the held-out ones.
 
 Run: nice -n 10 python -m router.dev_eval [--c 16] [--drop-sources a,b] [--drug-feature names]
-     [--disease-feature names] [--shapes] [--folds 1,2] [--static-from DIR] [--static-scale 1]
+     [--disease-feature names] [--shapes] [--no-one-word] [--folds 1,2] [--static-from DIR] [--static-scale 1]
 Every modelling choice is made on this score; the held-out sources (router/data/SOURCES.md) are read
 only by the final bench. Each fold trains on train+val minus its three sources and reports top-1
 (argmax) accuracy on them. Two summaries: the mean over the first 12 left-out sources (the first
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--disease-feature", default=TrainConfig.disease_feature, choices=DISEASE_FEATURES)
     parser.add_argument("--disease-list", type=Path, help="ablation: another names file for the disease feature")
     parser.add_argument("--shapes", action="store_true", help="identifier-shape features (HashingConfig.shapes)")
+    parser.add_argument("--no-one-word", action="store_true", help="ablation: without the one-word-prompt feature")
     parser.add_argument("--shapes-without", default="", help="ablation: comma-separated shape kinds left out")
     parser.add_argument(
         "--folds", default="", help="comma-separated fold numbers (1-5) to run, for quick screening (default: all)"
@@ -68,7 +69,12 @@ def main() -> None:
     parser.add_argument("--static-dim", type=int, default=TrainConfig.static_dim)
     parser.add_argument("--static-scale", type=float, default=TrainConfig.static_scale)
     args = parser.parse_args()
-    cfg = TrainConfig(drug_feature=args.drug_feature, disease_feature=args.disease_feature, shapes=args.shapes)
+    cfg = TrainConfig(
+        drug_feature=args.drug_feature,
+        disease_feature=args.disease_feature,
+        shapes=args.shapes,
+        one_word=not args.no_one_word,
+    )
     folds = [FOLDS[int(k) - 1] for k in args.folds.split(",") if k] or FOLDS
     data = read_jsonl(args.corpus / "train.jsonl.gz") + read_jsonl(args.corpus / "val.jsonl.gz")
     dropped = [s for s in args.drop_sources.split(",") if s]

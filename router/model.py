@@ -56,6 +56,10 @@ class HashingConfig:
     # --flag or file.ext in the prompt (read before lower-casing) adds the shared id of its shape, so
     # project jargon ("Fix NPE in CacheManager.evict") looks like code even when its words were never seen.
     shapes: bool = False
+    # A one-word prompt ("cool", "help", "lol") adds one shared feature. Its few n-grams otherwise decide
+    # alone, and short words share endings with code tokens ("cool" and "bool"); every one-word training
+    # prompt is small talk, so the feature learns that one word is too little to pick a specialist on.
+    one_word: bool = False
 
     def __post_init__(self) -> None:
         # set and tuple built once: featurize is on the hot path
@@ -74,6 +78,7 @@ class HashingConfig:
             first = {w: tuple(sorted(ns, reverse=True)) for w, ns in lengths.items()}
             self._phrases.append((zlib.crc32(b"L " + name.encode()) % self.buckets, first, frozenset(names)))
         self._shape_ids = [(zlib.crc32(b"S " + k.encode()) % self.buckets, rx) for k, rx in _SHAPES.items()]
+        self._one_word_id = zlib.crc32(b"N one word") % self.buckets
 
 
 # Written forms of identifiers and commands (HashingConfig.shapes), matched on the original-case prefix.
@@ -116,6 +121,8 @@ def featurize(text: str, cfg: HashingConfig) -> list[int]:
         ids += _lexicon_ids(tokens, cfg)
     if cfg._phrases:
         ids += _phrase_ids(tokens if not cfg.punctuation else [t for t in tokens if t[0].isalnum() or t[0] == "_"], cfg)
+    if cfg.one_word and len(tokens) == 1:
+        ids.append(cfg._one_word_id)
     return ids + shape_ids
 
 

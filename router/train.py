@@ -67,6 +67,7 @@ class TrainConfig:
     # included) or "f1" (calibrate_thresholds: per-domain F1, the first five rounds); docs/router-data.md, sixth round
     calibration: str = "routing"
     shapes: bool = False  # linear: identifier-shape features (HashingConfig.shapes: camelCase, snake_case, NPE...)
+    one_word: bool = True  # linear: the one-word-prompt feature (HashingConfig.one_word; eighth round)
     epochs: int = 16
     batch_size: int = 32
     lr: float = 0.05
@@ -116,6 +117,7 @@ def hashing_for(cfg: TrainConfig) -> HashingConfig:
         lexicon_suffixes=suffixes,
         lexicons=disease_lexicon(cfg.disease_feature),
         shapes=cfg.shapes,
+        one_word=cfg.one_word,
     )
 
 

@@ -230,15 +230,50 @@ CHIT_CHAT = [
 
 def test_shipped_router_sends_chit_chat_to_general(shipped: TinyAda) -> None:
     """Small talk goes to general alone. The sixth round's artifact sent 8 of these 30 elsewhere (`hi` and
-    `ok` to medical, `lol`, `no`, `help` to code); this floor is what the seventh round reached (3: `lol`,
-    `help`, `good job`), so a regression fails here."""
+    `ok` to medical, `lol`, `no`, `help` to code), the seventh 3 (`lol`, `help`, `good job`); the eighth
+    round's one-word feature leaves 1 (`good job`), so a regression fails here."""
     from router.policy import RoutingPolicy
 
     policy = RoutingPolicy(thresholds=shipped.config.thresholds, fallback="general")
     astray = {t: policy.decide(shipped.score(t)).specialists for t in CHIT_CHAT}
     astray = {t: chosen for t, chosen in astray.items() if chosen != ["general"]}
-    assert len(astray) <= 3, astray
-    assert not {"hi", "ok", "okay", "no", "cool", "hello", "how are you?", "thanks!"} & set(astray), astray
+    assert len(astray) <= 1, astray
+    fixed = {"hi", "ok", "okay", "no", "cool", "hello", "how are you?", "thanks!", "lol", "help"}
+    assert not fixed & set(astray), astray
+
+
+# Code pasted into a prompt, written before any was scored (eighth round). The sixth and seventh rounds'
+# corpus held question titles only, so `def max_profit` with a docstring about stock prices went to general
+# and `def is_palindrome` with a doctest to medical: 3 of these 10 went astray (test fails on that artifact).
+CODE_SHAPED = [
+    'def add(a, b):\n    """Return the sum of a and b."""',
+    'def is_palindrome(s: str) -> bool:\n    """Check if the given string is a palindrome.\n'
+    '    >>> is_palindrome(\'aba\')\n    True\n    """',
+    "from typing import List\n\ndef below_zero(ops: List[int]) -> bool:\n"
+    '    """ You\'re given a list of deposit and withdrawal operations.\n'
+    '    Return True if the balance falls below zero."""',
+    "def max_profit(prices: list[int]) -> int:\n"
+    '    """Given the daily prices of a stock, return the best profit from one buy and one sell.\n'
+    '    >>> max_profit([7, 1, 5, 3, 6, 4])\n    5\n    """',
+    'def fib(n):\n    """Return the n-th Fibonacci number."""',
+    'def median(values):\n    """Return the median of a list of numbers.\n    >>> median([3, 1, 2])\n    2\n    """',
+    'class Stack:\n    """A last-in first-out stack."""\n    def push(self, item):\n        pass',
+    "public static int sum(int[] xs) {\n    // TODO: return the sum of the array\n}",
+    "What does this function do?\nfunction debounce(fn, ms) {\n  let t;\n  return (...args) => { clearTimeout(t); "
+    "t = setTimeout(() => fn(...args), ms); };\n}",
+    "Write unit tests for this function:\ndef slugify(title):\n    return title.lower().replace(' ', '-')",
+]
+
+
+def test_shipped_router_sends_code_shaped_prompts_to_code(shipped: TinyAda) -> None:
+    from router.evaluate import routed_top1
+
+    wrong = {}
+    for text in CODE_SHAPED:
+        top, _ = routed_top1(shipped.score(text), shipped.config.thresholds, "general")
+        if top != "code":
+            wrong[text[:40]] = shipped.score(text)
+    assert not wrong, wrong
 
 
 def test_shipped_artifact_loads_to_identical_scores(shipped: TinyAda) -> None:
@@ -304,6 +339,16 @@ def _fixture_mirror(root: Path) -> str:
     head = "answerid;scenario;intent;answer_annotation;answer_from_anno;answer_from_user\n"
     nlu = '1;general;praise;"well done";"well done";"well done."\n2;alarm;alarm_set;"x";"x";"wake me at six"\n'
     (repo / "nlu.csv").write_text(head + nlu)
+    code = repo / "src" / "maths"
+    code.mkdir(parents=True)
+    area = 'def circle_area(r: float) -> float:\n    """Area of a circle.\n\n    >>> circle_area(0)\n    0\n    """\n'
+    area += "    return 3.14 * r * r\n\n\ndef undocumented(x):\n    return x\n\n\nclass Shape:\n"
+    area += '    def sides(self) -> int:\n        """How many sides the shape has."""\n        return 0\n'
+    (code / "area.py").write_text(area)
+    (repo / "src" / "broken.py").write_text('def f(:\n    """Never parsed."""\n')
+    (repo / "src" / "euler").mkdir()
+    (repo / "src" / "euler" / "p1.py").write_text('def solution(n):\n    """Sum the multiples of 3 below n."""\n')
+    (repo / "src" / "README.md").write_text('def not_python():\n    """A markdown file."""\n')
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "fixture")
     return _git(repo, "rev-parse", "HEAD")
@@ -323,6 +368,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
         bc.Source("clinc-short", "acme/prompts", commit, ["clinc.json"], bc._clinc_short, "general", "-", short=True),
         bc.Source("clinc150", "acme/prompts", commit, ["clinc.json"], bc._clinc, "general", "-"),
         bc.Source("nlu", "acme/prompts", commit, ["nlu.csv"], bc._nlu_general, "general", "-", short=True),
+        bc.Source("heads", "acme/prompts", commit, ["src"], bc._python_function_heads(("src/euler/",)), "code", "-"),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -348,7 +394,14 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     by_name = {m["name"]: m for m in manifest["sources"]}
     assert by_name["mixed"]["dropped_near_heldout"] == 1
     assert by_name["chat"]["dropped_duplicate"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit] * 6
+    assert [m["commit"] for m in manifest["sources"]] == [commit] * 7
+    # documented functions and methods, as their def line and docstring (no body), from .py files only,
+    # not under the skipped directory, and a file this Python cannot parse is passed over
+    heads = sorted(ex.text for ex in rows if ex.source == "heads")
+    assert heads == [
+        'def circle_area(r: float) -> float: """Area of a circle. >>> circle_area(0) 0 """',
+        'def sides(self) -> int: """How many sides the shape has."""',
+    ]
     assert trained["well done."] == ["general"] and "wake me at six" not in trained  # the general scenario only
     assert trained["hi"] == trained["ok"] == trained["no thanks"] == ["general"]
     assert by_name["clinc-short"]["kept"] == 3 and by_name["clinc150"]["kept"] == 1  # the 8-word one
@@ -449,7 +502,7 @@ def test_drug_lexicon_feature_generalises_to_unseen_drugs(tmp_path: Path) -> Non
     }
     # the same shared "lexicon" id for an unseen listed name as for a seen one; suffix id for a made-up
     # "-sartan"; nothing for ordinary text ("april" ends in -pril but its stem is too short)
-    assert extra[f"what is {unseen}"] == featurize("lisinopril", h)[len(featurize("lisinopril", h_off)) :]
+    assert extra[f"what is {unseen}"] == featurize("lisinopril dose", h)[len(featurize("lisinopril dose", h_off)) :]
     assert len(extra["is zorbisartan safe"]) == 1 and extra["is zorbisartan safe"] != extra[f"what is {unseen}"]
     assert extra["what is the capital of france"] == [] and extra["april loops in java"] == []
     with pytest.raises(DataError, match="drug_feature"):
@@ -483,7 +536,7 @@ def test_disease_lexicon_feature_matches_names_and_generalises(tmp_path: Path) -
     def extra(text: str) -> list[int]:
         return featurize(text, h)[len(featurize(text, h_off)) :]
 
-    hit = extra("gout")
+    hit = extra("has gout")  # two words: a one-word prompt also gets the one-word feature
     assert len(hit) == 1
     # an unseen one-word name, an unseen two-word name whose words are not names alone, any case and
     # punctuation: the same shared id as a seen name; longest match first ("common cold" counts once)
@@ -618,6 +671,21 @@ def test_identifier_shape_features() -> None:
     # prose: a space before "(", one-letter "e.g.", no capitals inside words
     assert shapes("What is the capital of France (e.g. for a quiz)?") == []
     assert featurize("Fix NPE", off) == featurize("fix npe", off)  # off: case never matters
+
+
+def test_one_word_feature() -> None:
+    import zlib
+
+    from router.model import HashingConfig
+
+    # punctuation off, as the linear router featurises (hashing_for): "Help!" is one word
+    on = HashingConfig(buckets=1 << 16, punctuation=False, one_word=True)
+    off = HashingConfig(buckets=1 << 16, punctuation=False)
+    one_word = zlib.crc32(b"N one word") % (1 << 16)
+    for text in ("cool", "  Help!  ", "lol?"):  # one word, whatever the case, spacing or punctuation
+        assert featurize(text, on) == [*featurize(text, off), one_word]
+    for text in ("good job", "what is gout", "x = 1"):
+        assert featurize(text, on) == featurize(text, off)
 
 
 def _chosen_by_policy(probs: np.ndarray, thresholds: dict[str, float], domains: list[str]) -> list[set[str]]:
