@@ -549,6 +549,16 @@ SOURCES: list[Source] = [
         "CQADupStack: Stack Exchange CC BY-SA",
     ),
     Source(
+        "cqa-physics",
+        A,
+        A_COMMIT,
+        [_cqa("physics")],
+        _tsv_gz_column(1),
+        "general",
+        "CQADupStack: Stack Exchange CC BY-SA",
+        notes="science questions in technical words that are not programming",
+    ),
+    Source(
         "hotpotqa",
         A,
         A_COMMIT,
