@@ -29,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             drug_feature=args.drug_feature,
             **({"disease_feature": args.disease_feature} if args.disease_feature else {}),
             **({"calibration": args.calibration} if args.calibration else {}),
+            one_word=not args.no_one_word,
         )
         model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
@@ -126,6 +127,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="thresholds: 'routing' (jointly, as prompts are routed, two-domain prompts included) or 'f1' "
         "(per-domain F1, before the sixth round) (default: TrainConfig's)",
+    )
+    tr.add_argument(
+        "--no-one-word",
+        action="store_true",
+        help="linear: without the one-word-prompt feature (before the eighth round)",
     )
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")

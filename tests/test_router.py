@@ -129,6 +129,9 @@ def test_cli_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert main(["router", "eval", "--model", str(tmp_path / "r"), "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "single-label accuracy" in out and "confusion" in out
+    assert TinyAda.load(tmp_path / "r").config.hashing.one_word  # on by default (eighth round)
+    main(["router", "train", "--data", str(data), "--out", str(tmp_path / "off"), "--epochs", "1", "--no-one-word"])
+    assert not TinyAda.load(tmp_path / "off").config.hashing.one_word
 
 
 # ---- the shipped router on real prompts (router/data/SOURCES.md)
