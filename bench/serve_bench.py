@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -272,27 +273,43 @@ async def ttft(url: str, model: str, concurrency: int, total: int, max_tokens: i
     }
 
 
-async def streams_vs_one(url: str, model: str, n: int, max_tokens: int, stats=None) -> dict:
+async def streams_vs_one(url: str, model: str, n: int, max_tokens: int, stats=None, rounds: int = 5) -> dict:
+    """Aggregate tok/s of n concurrent streams against one stream alone, in `rounds` alternating pairs.
+
+    One 200-token stream lasts a fifth of a second here, so a single pair is at the mercy of whatever
+    else the 2-core box runs in that moment: the ratio is the median of n streams over the median of one,
+    and every pair's own ratio is reported beside it.
+    """
     payload = body("Tell me everything you know about fevers, at length.", model, max_tokens)
+    ones, manys, tokens, chunks = [], [], 0, []
+    rows = steps = 0  # engine tokens and steps while the n streams ran
     async with session_for(n) as client:
+        # Warm both shapes: the first n-stream batch pays for the larger KV caches and the n connections.
         await stream_once(client, url, payload)
-        one = await stream_once(client, url, payload)
-        s0 = await stats() if stats else None
-        t0 = time.perf_counter()
-        many = await asyncio.gather(*(stream_once(client, url, payload) for _ in range(n)))
-        wall = time.perf_counter() - t0
-        s1 = await stats() if stats else None
-    one_rate = one["tokens"] / one["wall"]
-    agg = sum(m["tokens"] for m in many) / wall
+        await asyncio.gather(*(stream_once(client, url, payload) for _ in range(n)))
+        for _ in range(rounds):
+            one = await stream_once(client, url, payload)
+            ones.append(one["tokens"] / one["wall"])
+            s0 = await stats() if stats else None
+            t0 = time.perf_counter()
+            many = await asyncio.gather(*(stream_once(client, url, payload) for _ in range(n)))
+            manys.append(sum(m["tokens"] for m in many) / (time.perf_counter() - t0))
+            s1 = await stats() if stats else None
+            if s0 and s1:
+                rows, steps = rows + s1["tokens"] - s0["tokens"], steps + s1["steps"] - s0["steps"]
+            tokens = one["tokens"]
+            chunks += [m["chunks"] for m in many]
+    one_rate, agg = statistics.median(ones), statistics.median(manys)
     out = {
         "one_stream_tok_s": one_rate,
         f"{n}_streams_tok_s": agg,
         "ratio": agg / one_rate,
-        "tokens_per_stream": one["tokens"],
-        "chunks_per_stream": sum(m["chunks"] for m in many) / n,
+        "ratio_per_round": [m / o for o, m in zip(ones, manys, strict=True)],
+        "tokens_per_stream": tokens,
+        "chunks_per_stream": sum(chunks) / len(chunks),
     }
-    if s0 and s1:
-        out["rows_per_step"] = (s1["tokens"] - s0["tokens"]) / max(1, s1["steps"] - s0["steps"])
+    if steps:
+        out["rows_per_step"] = rows / steps
     return out
 
 
@@ -496,9 +513,13 @@ def engines_section(url: str, graph: dict, stats, quick: bool) -> list[dict]:
             "value": c256 / c32,
         },
         {"measure": "  c256 refused (503) | c32 refused", "value": f"{tp[2]['503']} | {tp[1]['503']}"},
-        {"measure": "8 streams / 1 stream aggregate tok/s (target >= 4)", "value": sv["ratio"]},
+        {"measure": "8 streams / 1 stream aggregate tok/s, medians of 5 rounds (target >= 4)", "value": sv["ratio"]},
         {
-            "measure": "  one stream tok/s | 8 streams tok/s | engine rows per step",
+            "measure": "  each round's own ratio",
+            "value": " ".join(f"{r:.2f}" for r in sv["ratio_per_round"]),
+        },
+        {
+            "measure": "  one stream tok/s | 8 streams tok/s (medians) | engine rows per step",
             "value": f"{sv['one_stream_tok_s']:.0f} | {sv['8_streams_tok_s']:.0f} | {sv.get('rows_per_step', 0):.2f}",
         },
         {"measure": "short request during a 400-token stream / alone, p50 (target <= 2)", "value": sd["ratio"]},
