@@ -6,7 +6,6 @@ import contextlib
 import json
 import platform
 import random
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -44,25 +43,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def haproxy_running(cfg: Path, host: str, port: int, timeout_s: float = 15) -> Iterator[subprocess.Popen]:
     """`haproxy -f cfg` in the foreground (as a user runs the front), up once host:port accepts; stopped after."""
-    binary = shutil.which("haproxy")
-    if binary is None:
-        raise RuntimeError("haproxy is not installed (Debian: apt-get install haproxy; `make test` does it as root)")
+    from deployments.front import Address, FrontError, start_haproxy
+
     # Its output goes to a file, not a pipe: a pipe nobody reads could fill and stall haproxy.
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    out.seek(0)
-                    raise RuntimeError(f"haproxy exited with {proc.returncode}: {out.read().decode(errors='replace')}")
-                try:
-                    socket.create_connection((host, port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"haproxy did not listen on {host}:{port} within {timeout_s} s") from None
-                    time.sleep(0.05)
+            proc = start_haproxy(cfg, Address(host, port), out, timeout_s)
+        except FrontError as err:
+            raise RuntimeError(str(err)) from None
+        try:
             yield proc
         finally:
             proc.terminate()

@@ -8,6 +8,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deployments.config import GraphConfig
 
 
 class CLIError(Exception):
@@ -121,20 +125,55 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Validate the config (errors name the field), then hand over to `serve run` in the foreground."""
+    """Validate the config (errors name the field), then hand over to `serve run` in the foreground; with
+    --front, HAProxy first takes the config's address and Serve's proxy moves behind it on loopback."""
     import os
     import shutil
 
     from deployments.config import ConfigError, load_graph_config
 
     try:
-        load_graph_config(args.config)
+        config = load_graph_config(args.config)
     except ConfigError as err:
         raise CLIError(str(err)) from None
+    if args.serve_port is not None and not args.front:
+        raise CLIError("--serve-port only applies with --front")
     serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+    run = Path(args.config)
+    if args.front:
+        run = _start_front(args, config)
     print(f"consilium: starting {args.config} (first start takes a minute: every replica loads its model)")
-    os.execv(serve_bin, [serve_bin, "run", str(args.config)])
+    sys.stdout.flush()  # exec replaces this process: what is buffered would be lost
+    os.execv(serve_bin, [serve_bin, "run", str(run)])
     return 0  # not reached
+
+
+def _start_front(args: argparse.Namespace, config: GraphConfig) -> Path:
+    """Start HAProxy on the config's address (it stops when `serve run` exits) and return the Serve config
+    to run instead: the same, with its HTTP proxy on 127.0.0.1:--serve-port (default: the port + 1)."""
+    import tempfile
+
+    import yaml
+
+    from deployments.front import FrontError, behind_front, plan_front, serve_settings, start_haproxy, write_front
+
+    data = yaml.safe_load(Path(args.config).read_text())
+    try:
+        moved, listen, inner = behind_front(data, args.serve_port)
+        route_prefix, _ = serve_settings(data)
+        plan = plan_front(config, listen=listen, backends=(inner,), route_prefix=route_prefix)
+        work = Path(tempfile.mkdtemp(prefix="consilium-front-"))
+        cfg = write_front(plan, work / "front")
+        run = work / "serve_config.yaml"
+        run.write_text(yaml.safe_dump(moved, sort_keys=False))
+        start_haproxy(cfg, listen, die_with_parent=True)
+    except FrontError as err:
+        raise CLIError(str(err)) from None
+    print(
+        f"consilium: front (HAProxy) on {listen}, refusing completions past {plan.max_inflight} in flight; "
+        f"Serve's proxy behind it on {inner} ({cfg})"
+    )
+    return run
 
 
 def cmd_front(args: argparse.Namespace) -> int:
@@ -211,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="run the Serve graph of a config in the foreground")
     srv.add_argument("config", type=_existing_path, help="Serve config file, e.g. configs/embedded.yaml")
+    srv.add_argument(
+        "--front",
+        action="store_true",
+        help="run the HAProxy front (see `front`) on the config's address, Serve's proxy behind it on loopback",
+    )
+    srv.add_argument(
+        "--serve-port",
+        type=_positive_int,
+        help="with --front: the loopback port Serve's proxy moves to (default: the config's port + 1)",
+    )
     srv.set_defaults(func=cmd_serve)
 
     fr = sub.add_parser("front", help="write an HAProxy front that refuses completions past the service's capacity")

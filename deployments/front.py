@@ -10,17 +10,25 @@ request to Serve (which frees its slot there), and Serve unreachable, failing or
 OpenAI-shaped 503/502/504 instead of HAProxy's HTML pages.
 
 `consilium front CONFIG --out DIR` writes DIR/haproxy.cfg and the response files it names; run it with
-`haproxy -f DIR/haproxy.cfg`. This module only renders text: it is tested here against the `haproxy` binary
-(`haproxy -c`, and in front of a real Serve in tests/test_engines_serve.py).
+`haproxy -f DIR/haproxy.cfg`. On one machine, `consilium serve CONFIG --front` does both: the front takes
+the config's address and Serve's proxy moves behind it (`behind_front`, `start_haproxy`). Tested against the
+`haproxy` binary (`haproxy -c`, and in front of a real Serve in tests/test_engines_serve.py and test_front.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
+import shutil
+import signal
+import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from deployments.config import GraphConfig
 from deployments.middleware import Admission, RetryAfter, overloaded_body
@@ -225,3 +233,69 @@ def write_front(plan: FrontPlan, out: Path) -> Path:
     cfg = out / "haproxy.cfg"
     cfg.write_text(render_haproxy(plan, out))
     return cfg
+
+
+def behind_front(data: dict[str, Any], serve_port: int | None = None) -> tuple[dict[str, Any], Address, Address]:
+    """A Serve config moved behind a front on its own address: (the config with Serve's HTTP proxy on
+    127.0.0.1:serve_port, where the front listens, where Serve now listens). serve_port defaults to the
+    config's port + 1. Only loopback reaches Serve then: the front is the way in (one machine; a cluster
+    runs `consilium front` on its load balancer instead)."""
+    if "applications" not in data:
+        raise FrontError("--front needs a Serve config (applications and http_options), not a bare graph config")
+    http = dict(data.get("http_options") or {})
+    host, port = str(http.get("host", "127.0.0.1")), http.get("port", 8000)
+    listen = parse_address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "http_options (host:port)")
+    inner_port = serve_port if serve_port is not None else listen.port + 1
+    inner = parse_address(f"127.0.0.1:{inner_port}", "--serve-port")
+    if inner.port == listen.port:
+        raise FrontError(f"--serve-port {inner.port}: the front listens there (http_options.port)")
+    return {**data, "http_options": {**http, "host": inner.host, "port": inner.port}}, listen, inner
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent exits (Linux prctl PR_SET_PDEATHSIG), so the front
+    stops with `serve run` however that ends; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def start_haproxy(
+    cfg: Path, listen: Address, output: IO[bytes] | None = None, timeout_s: float = 15, die_with_parent: bool = False
+) -> subprocess.Popen:
+    """`haproxy -db -f cfg` (foreground), returned once `listen` accepts connections. FrontError with what
+    haproxy printed if it exits first (a port in use) or does not listen in time. With die_with_parent it
+    gets SIGTERM when this process exits (`consilium serve --front` execs `serve run` after it)."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        raise FrontError("haproxy is not installed (Debian: apt-get install haproxy)")
+    # Taken first: else the readiness check below could connect to whoever holds the port while haproxy fails.
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    with socket.socket(family) as probe:
+        try:
+            probe.bind((listen.host, listen.port))
+        except OSError as err:
+            raise FrontError(f"cannot listen on {listen}: {err.strerror}") from None
+    proc = subprocess.Popen(
+        [binary, "-db", "-f", str(cfg)],
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
+        preexec_fn=_die_with_parent if die_with_parent else None,  # the caller runs no other threads yet
+    )
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else "::1" if listen.host == "::" else listen.host
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            said = ""
+            if output is not None:
+                output.seek(0)
+                said = ": " + output.read().decode(errors="replace").strip()[-2000:]
+            raise FrontError(f"haproxy exited with {proc.returncode} before listening on {listen}{said}")
+        try:
+            socket.create_connection((host, listen.port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                proc.wait(10)
+                raise FrontError(f"haproxy did not listen on {listen} within {timeout_s} s") from None
+            time.sleep(0.05)

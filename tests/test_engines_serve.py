@@ -344,6 +344,91 @@ def test_haproxy_front_refuses_past_the_bound_before_serve(adm_url: str, zoo: Pa
         asyncio.run(scenario())
 
 
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs Debian's haproxy (`make test` installs it as root)")
+def test_consilium_serve_front_runs_haproxy_before_serve_and_stops_with_it(zoo: Path, tmp_path: Path) -> None:
+    """`consilium serve CONFIG --front`, as a user runs it: HAProxy on the config's address, `serve run` (its own
+    local Ray) behind it on the next port. Answers pass, completions past the bound are refused by the front,
+    and when the service stops the front stops with it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from bench.common import free_port
+
+    port = free_port()
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "consilium",
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "args": adm_args(zoo),
+            },
+        ],
+    }
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (tmp_path / "out.log").open("wb")
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a cluster of its own, as on a fresh machine
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "serve", str(path), "--front", "--serve-port", str(port + 1)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
+    front, direct = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "out.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{front}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "out.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert "front (HAProxy) on 127.0.0.1:" in (tmp_path / "out.log").read_text()
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(timeout=60) as client:
+                chat = "/v1/chat/completions"
+                through = (await client.post(front + chat, json=body(12))).json()
+                straight = (await client.post(direct + chat, json=body(12))).json()
+                assert through["choices"][0]["message"] == straight["choices"][0]["message"]
+                held = await hold_streams(client, front + chat, INGRESS_BOUND)
+                refused = await client.post(front + chat, json=body(4))
+                assert refused.status_code == 503 and refused.headers["x-refused-by"] == "front"
+                assert refused.json()["error"]["type"] and refused.headers["retry-after"] == "3"
+                await release_streams(held)
+
+        asyncio.run(scenario())
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, as in a terminal
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    # HAProxy was told to go when its parent (the process that became `serve run`) went.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the front still listens after the service stopped"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def spa_url(url: str, zoo: Path) -> str:
     """A third app: general (HF) and 'hanger' (a wedged engine; its share: 2 ongoing + 1 queued = 3 slots)."""

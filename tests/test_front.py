@@ -127,6 +127,49 @@ def test_cli_names_the_bad_value(tmp_path: Path, capsys) -> None:
     assert "--max-inflight: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
+def test_serve_front_moves_serve_behind_it_and_names_bad_settings(tmp_path: Path, capsys) -> None:
+    from deployments.front import behind_front
+
+    data = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    moved, listen, inner = behind_front(data)
+    assert (listen, inner) == (Address("0.0.0.0", 8000), Address("127.0.0.1", 8001))  # the front takes the address
+    assert moved["http_options"] == {**data["http_options"], "host": "127.0.0.1", "port": 8001}
+    assert moved["applications"] == data["applications"] and data["http_options"]["port"] == 8000  # a copy
+    assert behind_front({**data, "http_options": {"host": "::", "port": 80}}, 9000)[1:] == (
+        Address("::", 80),
+        Address("127.0.0.1", 9000),
+    )
+    with pytest.raises(FrontError, match="--serve-port 8000: the front listens there"):
+        behind_front(data, 8000)
+    with pytest.raises(FrontError, match="needs a Serve config"):
+        behind_front(graph())
+    zoo = str(REPO / "configs" / "zoo.yaml")
+    assert main(["serve", zoo, "--serve-port", "9000"]) == 2
+    assert "--serve-port only applies with --front" in capsys.readouterr().err
+    assert main(["serve", zoo, "--front", "--serve-port", "8000"]) == 2  # zoo.yaml's own port
+    assert "--serve-port 8000: the front listens there" in capsys.readouterr().err
+    bare = tmp_path / "graph.yaml"
+    bare.write_text(yaml.safe_dump(graph()))
+    assert main(["serve", str(bare), "--front"]) == 2
+    assert "--front needs a Serve config" in capsys.readouterr().err
+
+
+@needs_haproxy
+def test_front_will_not_start_on_a_taken_port(tmp_path: Path) -> None:
+    """Someone else listens there: a clear error, not a front that seems up because the port answers."""
+    import socket
+
+    from deployments.front import start_haproxy
+
+    listen = Address("127.0.0.1", free_port())
+    cfg = write_front(plan_front(parse_graph_config(graph()), listen=listen, backends=(listen,)), tmp_path / "f")
+    with socket.socket() as other:
+        other.bind((listen.host, listen.port))
+        other.listen()
+        with pytest.raises(FrontError, match=f"cannot listen on {listen}"):
+            start_haproxy(cfg, listen)
+
+
 @needs_haproxy
 def test_serve_unreachable_is_an_openai_shaped_503(tmp_path: Path) -> None:
     """Nothing listens behind the front: HAProxy's own 503 page is replaced by an OpenAI-shaped body."""
