@@ -271,6 +271,8 @@ def start_haproxy(
     # Taken first: else the readiness check below could connect to whoever holds the port while haproxy fails.
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     with socket.socket(family) as probe:
+        # As HAProxy binds: connections of a front that just stopped, still in TIME_WAIT, do not hold the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((listen.host, listen.port))
         except OSError as err:
