@@ -49,6 +49,10 @@ class Address:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def reachable(self) -> Address:
+        """Where a client on this machine reaches a listener bound here: loopback for every-interface binds."""
+        return Address("127.0.0.1", self.port) if self.host in ("0.0.0.0", "::", "") else self
+
 
 def parse_address(value: str, what: str) -> Address:
     """'HOST:PORT' (IPv6 as '[::1]:PORT') -> Address; FrontError naming `what` and the value otherwise."""
@@ -83,11 +87,14 @@ def serve_settings(data: dict[str, Any]) -> tuple[str, Address | None]:
     prefix = app.get("route_prefix") or "/"
     if not isinstance(prefix, str) or not prefix.startswith("/") or any(c.isspace() for c in prefix):
         raise FrontError(f"applications[0].route_prefix {prefix!r}: expected a path starting with '/'")
+    return prefix, _http_address(data).reachable()
+
+
+def _http_address(data: dict[str, Any]) -> Address:
+    """Where a Serve config's HTTP proxy listens, as written (Serve's defaults: 127.0.0.1:8000)."""
     http = data.get("http_options") or {}
     host, port = str(http.get("host", "127.0.0.1")), http.get("port", 8000)
-    if host in ("0.0.0.0", "::", ""):  # listening on every interface: reach it on loopback
-        host = "127.0.0.1"
-    return prefix, parse_address(f"{host}:{port}", "http_options (host:port)")
+    return parse_address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "http_options (host:port)")
 
 
 def service_capacity(config: GraphConfig) -> int:
@@ -242,14 +249,13 @@ def behind_front(data: dict[str, Any], serve_port: int | None = None) -> tuple[d
     runs `consilium front` on its load balancer instead)."""
     if "applications" not in data:
         raise FrontError("--front needs a Serve config (applications and http_options), not a bare graph config")
-    http = dict(data.get("http_options") or {})
-    host, port = str(http.get("host", "127.0.0.1")), http.get("port", 8000)
-    listen = parse_address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "http_options (host:port)")
+    listen = _http_address(data)
     inner_port = serve_port if serve_port is not None else listen.port + 1
     inner = parse_address(f"127.0.0.1:{inner_port}", "--serve-port")
     if inner.port == listen.port:
         raise FrontError(f"--serve-port {inner.port}: the front listens there (http_options.port)")
-    return {**data, "http_options": {**http, "host": inner.host, "port": inner.port}}, listen, inner
+    moved = {**(data.get("http_options") or {}), "host": inner.host, "port": inner.port}
+    return {**data, "http_options": moved}, listen, inner
 
 
 def _die_with_parent() -> None:
@@ -283,7 +289,7 @@ def start_haproxy(
         stderr=subprocess.STDOUT if output is not None else None,
         preexec_fn=_die_with_parent if die_with_parent else None,  # the caller runs no other threads yet
     )
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else "::1" if listen.host == "::" else listen.host
+    reach = listen.reachable()
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
@@ -293,7 +299,7 @@ def start_haproxy(
                 said = ": " + output.read().decode(errors="replace").strip()[-2000:]
             raise FrontError(f"haproxy exited with {proc.returncode} before listening on {listen}{said}")
         try:
-            socket.create_connection((host, listen.port), timeout=0.2).close()
+            socket.create_connection((reach.host, reach.port), timeout=0.2).close()
             return proc
         except OSError:
             if time.monotonic() > deadline:
