@@ -242,7 +242,7 @@ def _tree(get: Callable[[str], bytes], path: str) -> Iterator[str]:
     lists its entries, sub-trees with a trailing slash)."""
     listing = get(path).decode("utf-8").splitlines()[2:]  # "tree COMMIT:PATH", blank line, entries
     for name in sorted(listing):
-        full = f"{path}/{name}".lstrip("/") if path else name
+        full = f"{path}/{name}" if path else name
         if name.endswith("/"):
             yield from _tree(get, full.rstrip("/"))
         else:
