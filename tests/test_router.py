@@ -577,6 +577,8 @@ def _fixture_ontology(root: Path) -> str:
         "Takayasu arteritis",
         "castle disease",
         "can",
+        "gas",
+        "THI",
         "allergic contact dermatitis caused by a nickel belt",
     ]
     (repo / bd.LABELS).write_text(
@@ -620,7 +622,8 @@ def test_disease_lexicon_builder_is_deterministic_and_filters(tmp_path: Path, mo
         ]
         + [("a castle disease? no, the castle in the castle town", ["general"])]
         + [(f"visit the castle {i}", ["general"]) for i in range(3)]
-        + [("can i", ["code"]), ("how can i sort", ["general"]), ("can scurvy spread", ["medical"])]
+        + [("gas i", ["code"]), ("how much is gas", ["general"]), ("gas and bloating", ["medical"])]
+        + [("can this spread", ["medical"]), ("is this normal", ["medical"])]
     )
     paths = []
     for out in ("a.txt", "b.txt"):
@@ -635,11 +638,13 @@ def test_disease_lexicon_builder_is_deterministic_and_filters(tmp_path: Path, mo
     # names of up to 3 words also get the regular plural of their last word; "arteritis" ends in -s: none
     expected += ["scurvies", "gouts", "castle diseases", "podagras", "ataxias", "uncoordinations"]
     assert names == sorted(expected)
-    # "can" fires in general and code prompts: dropped by the measured filter; "castle disease" fires only
-    # once outside medical: kept; "gout" and "gca" are short with medical evidence (2 prompts): kept; "als2" is not
+    # "gas" fires in general and code prompts: dropped by the measured filter; "castle disease" fires only
+    # once outside medical: kept; "gout" and "gca" are short with medical evidence (2 prompts): kept; "als2"
+    # and the initials "thi" are not. Function words are never names: "can", and "this" (the plural of
+    # "thi"), are gone before the filter, though they fire in medical prompts only.
     dropped = dict(stats["dropped"])
-    assert set(dropped) == {"can", "cans", "als2", "gcas"}
-    assert dropped["can"] == {"code": 1, "general": 1, "medical": 1}
+    assert set(dropped) == {"gas", "cans", "als2", "gcas", "thi"}
+    assert dropped["gas"] == {"code": 1, "general": 1, "medical": 1}
     assert commit in paths[0].read_text().splitlines()[2]
     monkeypatch.setattr(bd, "SUBSETS", ["missing.obo"])
     with pytest.raises(bd.CorpusError, match=r"missing\.obo"):
