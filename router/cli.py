@@ -30,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             **({"disease_feature": args.disease_feature} if args.disease_feature else {}),
             **({"calibration": args.calibration} if args.calibration else {}),
             one_word=not args.no_one_word,
+            **({"clean_pools": args.clean_pools} if args.clean_pools is not None else {}),
         )
         model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
@@ -132,6 +133,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-one-word",
         action="store_true",
         help="linear: without the one-word-prompt feature (before the eighth round)",
+    )
+    tr.add_argument(
+        "--clean-pools",
+        type=float,
+        default=None,
+        metavar="P",
+        help="linear: drop keyword-relabelled pool items that a model of the source-labelled prompts gives another "
+        "domain above P (0: keep all) (default: TrainConfig's)",
     )
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")

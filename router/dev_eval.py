@@ -1,7 +1,8 @@
 """Source-disjoint dev score: leave whole training sources out (one per domain per fold), never the held-out ones.
 
 Run: nice -n 10 python -m router.dev_eval [--c 16] [--drop-sources a,b] [--drug-feature names]
-     [--disease-feature names] [--shapes] [--no-one-word] [--folds 1,2] [--static-from DIR] [--static-scale 1]
+     [--disease-feature names] [--shapes] [--no-one-word] [--clean-pools 0.9] [--folds 1,2] [--static-from DIR]
+     [--static-scale 1]
 Every modelling choice is made on this score; the held-out sources (router/data/SOURCES.md) are read
 only by the final bench. Each fold trains on train+val minus its three sources and reports top-1
 (argmax) accuracy on them. Two summaries: the mean over the first 12 left-out sources (the first
@@ -28,10 +29,12 @@ from router.train import (
     DISEASE_FEATURES,
     DRUG_FEATURES,
     TrainConfig,
+    confident_disagreements,
     features,
     hashing_for,
     load_static,
     read_jsonl,
+    relabelled_sources,
     source_weights,
     static_matrix,
     targets,
@@ -65,20 +68,30 @@ def main() -> None:
     parser.add_argument(
         "--folds", default="", help="comma-separated fold numbers (1-5) to run, for quick screening (default: all)"
     )
+    parser.add_argument(
+        "--clean-pools",
+        type=float,
+        default=TrainConfig.clean_pools,
+        help="drop relabelled-pool items a source-labelled model disputes above this probability (0: off)",
+    )
     parser.add_argument("--static-from", default="")
     parser.add_argument("--static-dim", type=int, default=TrainConfig.static_dim)
     parser.add_argument("--static-scale", type=float, default=TrainConfig.static_scale)
     args = parser.parse_args()
+    class_weight = None if args.class_weight == "none" else "balanced"
     cfg = TrainConfig(
         drug_feature=args.drug_feature,
         disease_feature=args.disease_feature,
         shapes=args.shapes,
         one_word=not args.no_one_word,
+        c=args.c,
+        class_weight=class_weight,
+        multi_label_weight=args.multi_label_weight,
+        clean_pools=args.clean_pools,
     )
     folds = [FOLDS[int(k) - 1] for k in args.folds.split(",") if k] or FOLDS
     data = read_jsonl(args.corpus / "train.jsonl.gz") + read_jsonl(args.corpus / "val.jsonl.gz")
     dropped = [s for s in args.drop_sources.split(",") if s]
-    class_weight = None if args.class_weight == "none" else "balanced"
     domains = sorted({label for ex in data for label in ex.labels})
     for kind in filter(None, args.shapes_without.split(",")):
         del model_module._SHAPES[kind]  # ablation only: HashingConfig reads the kinds when it is built
@@ -96,6 +109,11 @@ def main() -> None:
     acc = {}
     for fold in folds:
         tr = np.where(~np.isin(src, fold + dropped))[0]
+        # the cleaner sees only this fold's training rows, so the left-out sources stay unseen
+        disputed, _ = confident_disagreements(x[tr], y[tr], list(src[tr]), relabelled_sources(), cfg)
+        if disputed.any():
+            print(f"clean_pools: dropped {disputed.sum()} pool items", flush=True)
+        tr = tr[~disputed]
         dev = np.where(np.isin(src, fold) & (y.sum(axis=1) == 1))[0]
         weight = np.where(y[tr].sum(axis=1) > 1, args.multi_label_weight, 1.0)
         if args.source_power:

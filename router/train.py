@@ -68,6 +68,10 @@ class TrainConfig:
     calibration: str = "routing"
     shapes: bool = False  # linear: identifier-shape features (HashingConfig.shapes: camelCase, snake_case, NPE...)
     one_word: bool = True  # linear: the one-word-prompt feature (HashingConfig.one_word; eighth round)
+    # linear: drop an item of a keyword-relabelled pool (relabelled_sources) when a model fitted on the
+    # source-labelled prompts alone gives its label < 0.5 and another domain > this (confident_disagreements;
+    # tenth round); 0 = keep every item
+    clean_pools: float = 0.9
     epochs: int = 16
     batch_size: int = 32
     lr: float = 0.05
@@ -119,6 +123,64 @@ def hashing_for(cfg: TrainConfig) -> HashingConfig:
         shapes=cfg.shapes,
         one_word=cfg.one_word,
     )
+
+
+def relabelled_sources() -> frozenset[str]:
+    """Names of the corpus sources labelled item by item by keyword rules (router/data/relabel.py)."""
+    from router.data.build_corpus import SOURCES
+
+    return frozenset(s.name for s in SOURCES if s.label == "relabel")
+
+
+def fit_linear(x: sp.csr_matrix, y: np.ndarray, sample_weight: np.ndarray, cfg: TrainConfig) -> list:
+    """One liblinear logistic regression per label column (the linear learner and its cleaner share it)."""
+    from sklearn.linear_model import LogisticRegression  # import here: serving never needs scikit-learn
+
+    fitted = []
+    for j in range(y.shape[1]):
+        lr = LogisticRegression(C=cfg.c, solver="liblinear", class_weight=cfg.class_weight, max_iter=300)
+        fitted.append(lr.fit(x, y[:, j], sample_weight=sample_weight))
+    return fitted
+
+
+def confident_disagreements(
+    x: sp.csr_matrix,
+    y: np.ndarray,
+    sources: list[str],
+    pools: frozenset[str],
+    cfg: TrainConfig,
+    score_rows: tuple[sp.csr_matrix, np.ndarray, list[str]] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Masks of pool items whose keyword label a source-labelled model confidently disputes.
+
+    Keyword rules label a mixed pool (Quora, MS MARCO, Dolly...) item by item, and miss what they have
+    no cue for: "why do my fingers go numb" has no strong medical word, so it is labelled general and
+    teaches the router that such questions are general. A model fitted on the other sources, whose
+    labels come from the source itself, catches many such items: an item is flagged when that model
+    gives its label < 0.5 and some other domain > cfg.clean_pools. Single-label items of pools only;
+    every source-labelled prompt is kept. Of a seeded sample of 40 flagged items, 11 were mislabelled, 3 moot
+    and the rest hard but right (science trivia flagged medical): it trades general recall for medical
+    recall, which the dev score weighed (docs/router-data.md, tenth round). score_rows (x, y, sources)
+    are flagged by the same model: the validation split.
+    """
+    src = np.asarray(sources)
+    trusted = ~np.isin(src, list(pools))
+    if cfg.clean_pools <= 0 or trusted.all():
+        return np.zeros(len(src), dtype=bool), None if score_rows is None else np.zeros(len(score_rows[2]), bool)
+    weight = np.where(y[trusted].sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
+    fitted = fit_linear(x[trusted], y[trusted], weight, cfg)
+
+    def flag(xs: sp.csr_matrix, ys: np.ndarray, ss: list[str]) -> np.ndarray:
+        rows = np.isin(np.asarray(ss), list(pools)) & (ys.sum(axis=1) == 1)
+        out = np.zeros(len(ss), dtype=bool)
+        if rows.any():
+            probs = np.stack([lr.predict_proba(xs[rows])[:, 1] for lr in fitted], axis=1)
+            own = (probs * ys[rows]).sum(axis=1)
+            other = np.where(ys[rows] == 1, 0.0, probs).max(axis=1)
+            out[rows] = (own < 0.5) & (other > cfg.clean_pools)
+        return out
+
+    return flag(x, y, sources), None if score_rows is None else flag(*score_rows)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -341,32 +403,41 @@ def train_linear(
     train: list[Example], val: list[Example] | None = None, config: TrainConfig | None = None
 ) -> tuple[TinyAda, dict[str, float]]:
     """One-vs-rest logistic regression per domain on hashed n-grams, stored as an identity-head TinyAda."""
-    from sklearn.linear_model import LogisticRegression  # import here: serving never needs scikit-learn
-
     cfg = config or TrainConfig()
     train, val, domains = _split_val(train, val, cfg)
     t0 = time.perf_counter()
     hashing = hashing_for(cfg)
-    x = features([ex.text for ex in train], hashing)
     static = None
     if cfg.static_from:
         table, tokenizer = load_static(cfg.static_from, cfg.static_dim)
         table = table.astype(np.float16).astype(np.float32)  # train on what the fp16 artifact will serve
-        s_x = static_matrix([ex.text for ex in train], tokenizer, table, hashing.max_chars)
-        x = sp.hstack([x, sp.csr_matrix(s_x * cfg.static_scale)]).tocsr()
         static = (table, tokenizer)
+
+    def design(examples: list[Example]) -> sp.csr_matrix:
+        x = features([ex.text for ex in examples], hashing)
+        if static is None:
+            return x
+        s_x = static_matrix([ex.text for ex in examples], static[1], static[0], hashing.max_chars)
+        return sp.hstack([x, sp.csr_matrix(s_x * cfg.static_scale)]).tocsr()
+
+    x, xv = design(train), design(val)
     y = targets(train, domains).numpy()
-    sample_weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
-    if cfg.source_power:
-        sample_weight = sample_weight * source_weights([ex.source for ex in train], cfg.source_power)
-    weights, biases = [], []
     for j, domain in enumerate(domains):
         if y[:, j].min() == y[:, j].max():
             raise DataError(f"domain {domain!r} labels every training prompt: a classifier needs negatives too")
-        lr = LogisticRegression(C=cfg.c, solver="liblinear", class_weight=cfg.class_weight, max_iter=300)
-        lr.fit(x, y[:, j], sample_weight=sample_weight)
-        weights.append(lr.coef_[0])
-        biases.append(lr.intercept_[0])
+    yv = targets(val, domains).numpy()
+    drop, drop_val = confident_disagreements(
+        x, y, [ex.source for ex in train], relabelled_sources(), cfg, (xv, yv, [ex.source for ex in val])
+    )
+    if drop.any() or drop_val.any():
+        logger.info("clean_pools: dropped %d training and %d validation pool items", drop.sum(), drop_val.sum())
+        x, y, train = x[~drop], y[~drop], [ex for ex, d in zip(train, drop, strict=True) if not d]
+        val, yv = [ex for ex, d in zip(val, drop_val, strict=True) if not d], yv[~drop_val]
+    sample_weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
+    if cfg.source_power:
+        sample_weight = sample_weight * source_weights([ex.source for ex in train], cfg.source_power)
+    fitted = fit_linear(x, y, sample_weight, cfg)
+    weights, biases = [lr.coef_[0] for lr in fitted], [lr.intercept_[0] for lr in fitted]
     n, b = len(domains), hashing.buckets
     w_all = np.stack(weights, axis=1)  # (buckets [+ k], n_domains)
     model = TinyAda(
@@ -390,7 +461,6 @@ def train_linear(
     model.eval()
     model.refresh()
     probs = np.array([[s[d] for d in domains] for s in model.score_batch([ex.text for ex in val])])
-    yv = targets(val, domains).numpy()
     model.config.thresholds = calibrate(probs, yv, domains, cfg.calibration)
     seconds = time.perf_counter() - t0
     logger.info("trained linear router on %d prompts, %d domains in %.1fs", len(train), n, seconds)
@@ -409,6 +479,8 @@ def train_router(
     cfg = config or TrainConfig()
     if cfg.calibration not in CALIBRATIONS:  # before the fit, not after it
         raise DataError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.calibration!r}")
+    if not 0.0 <= cfg.clean_pools < 1.0:
+        raise DataError(f"clean_pools must be in [0, 1) (0: off), got {cfg.clean_pools!r}")
     if cfg.kind == "linear":
         return train_linear(train, val, cfg)
     if cfg.kind != "fasttext":

@@ -132,6 +132,8 @@ def test_cli_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert TinyAda.load(tmp_path / "r").config.hashing.one_word  # on by default (eighth round)
     main(["router", "train", "--data", str(data), "--out", str(tmp_path / "off"), "--epochs", "1", "--no-one-word"])
     assert not TinyAda.load(tmp_path / "off").config.hashing.one_word
+    with pytest.raises(SystemExit, match=r"clean_pools must be in \[0, 1\) \(0: off\), got 1.5"):
+        main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--clean-pools", "1.5"])
 
 
 # ---- the shipped router on real prompts (router/data/SOURCES.md)
@@ -755,3 +757,35 @@ def test_train_config_calibration_mode(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="calibration must be one of routing, f1, got 'x'"):
         # no examples at all: the mode is refused before any fitting starts
         train_router([], [], TrainConfig(calibration="x", linear_buckets=1 << 12, drug_feature="off"), progress=False)
+
+
+def test_clean_pools_drops_only_disputed_items_of_relabelled_pools() -> None:
+    from router.train import confident_disagreements, features, hashing_for, relabelled_sources, targets
+
+    assert {"quora", "msmarco", "dolly"} <= relabelled_sources() and "clinc150" not in relabelled_sources()
+    trusted = [Example(f"apple banana fruit salad {i}", ["fruit"], "orchard") for i in range(40)]
+    trusted += [Example(f"engine wheel car garage {i}", ["car"], "garage") for i in range(40)]
+    # a keyword rule gave these pool items the wrong label; the same text in a source-labelled set is kept
+    wrong = [Example(f"apple banana fruit salad bowl {i}", ["car"], "quora") for i in range(3)]
+    right = [Example(f"engine wheel car {i}", ["car"], "quora") for i in range(5)]
+    unsure = [Example(f"a quiet evening {i}", ["car"], "quora") for i in range(3)]  # nothing to dispute it with
+    own_error = [Example("apple banana fruit salad 99", ["car"], "garage")]  # disputed too, but not a pool item
+    rows = trusted + wrong + right + unsure + own_error
+    cfg = TrainConfig(linear_buckets=1 << 12, drug_feature="off", disease_feature="off", one_word=False)
+    x, y = features([ex.text for ex in rows], hashing_for(cfg)), targets(rows, ["car", "fruit"]).numpy()
+    drop, _ = confident_disagreements(x, y, [ex.source for ex in rows], relabelled_sources(), cfg)
+    assert [ex.text for ex, d in zip(rows, drop, strict=True) if d] == [ex.text for ex in wrong]
+    off, _ = confident_disagreements(x, y, [ex.source for ex in rows], relabelled_sources(), TrainConfig(clean_pools=0))
+    assert not off.any()
+    # training drops them from train and validation: the same model as one trained without them
+    val = trusted[::4] + wrong[:1] + right[:2]
+    cleaned, _ = train_router(rows, val, cfg, progress=False)
+    by_hand = [ex for ex in rows if ex not in wrong]
+    reference, _ = train_router(by_hand, [ex for ex in val if ex not in wrong], cfg, progress=False)
+    for text in ["apple banana fruit salad bowl", "engine car", "a quiet evening"]:
+        assert cleaned.score(text) == reference.score(text)
+    assert cleaned.config.thresholds == reference.config.thresholds
+    kept, _ = train_router(rows, val, TrainConfig(**{**cfg.__dict__, "clean_pools": 0.0}), progress=False)
+    assert kept.score("apple banana fruit salad bowl")["car"] > cleaned.score("apple banana fruit salad bowl")["car"]
+    with pytest.raises(DataError, match="clean_pools must be in"):
+        train_router(rows, val, TrainConfig(**{**cfg.__dict__, "clean_pools": 1.5}), progress=False)
