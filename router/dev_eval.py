@@ -1,15 +1,17 @@
 """Source-disjoint dev score: leave whole training sources out (one per domain per fold), never the held-out ones.
 
 Run: nice -n 10 python -m router.dev_eval [--c 16] [--drop-sources a,b] [--drug-feature names]
-     [--disease-feature names] [--shapes] [--no-one-word] [--clean-pools 0.9] [--folds 1,2] [--static-from DIR]
-     [--static-scale 1]
+     [--disease-feature names] [--shapes] [--no-one-word] [--clean-pools 0.9] [--routed] [--folds 1,2]
+     [--static-from DIR] [--static-scale 1]
 Every modelling choice is made on this score; the held-out sources (router/data/SOURCES.md) are read
 only by the final bench. Each fold trains on train+val minus its three sources and reports top-1
-(argmax) accuracy on them. Two summaries: the mean over the first 12 left-out sources (the first
-round's folds, comparable across rounds) and over all 15 (the fifth fold leaves out sources of the
-second round: Python titles, patient chat questions, human-written instructions). --drop-sources
-removes sources from every fold's training (they are still scored when a fold leaves them out), which
-is how a corpus without the second round's sources is measured on the same folds. --folds runs a
+(argmax) accuracy on them; --routed fits on the train split alone, calibrates thresholds on the val
+split as the trainer does, and also reports accuracy as prompts are routed. Two summaries: the mean
+over the first 12 left-out sources (the first round's folds, comparable across rounds) and over all 15
+(the fifth fold leaves out sources of the second round: Python titles, patient chat questions,
+human-written instructions). --drop-sources removes sources from every fold's training (they are still
+scored when a fold leaves them out), which is how a corpus without the second round's sources is
+measured on the same folds. --folds runs a
 subset of the folds for quick screening only: a shipped choice is backed by the full run's means.
 --disease-list and --shapes-without are ablations (another disease names file; shape kinds left out).
 """
@@ -29,8 +31,10 @@ from router.train import (
     DISEASE_FEATURES,
     DRUG_FEATURES,
     TrainConfig,
+    calibrate,
     confident_disagreements,
     features,
+    fit_linear,
     hashing_for,
     load_static,
     read_jsonl,
@@ -50,8 +54,6 @@ FOLDS = [
 
 
 def main() -> None:
-    from sklearn.linear_model import LogisticRegression
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--c", type=float, default=TrainConfig.c)
     parser.add_argument("--corpus", type=Path, default=CORPUS_DIR, help="directory with train/val.jsonl.gz")
@@ -74,6 +76,11 @@ def main() -> None:
         default=TrainConfig.clean_pools,
         help="drop relabelled-pool items a source-labelled model disputes above this probability (0: off)",
     )
+    parser.add_argument(
+        "--routed",
+        action="store_true",
+        help="also route as served: fit on the train split only, calibrate thresholds on the val split",
+    )
     parser.add_argument("--static-from", default="")
     parser.add_argument("--static-dim", type=int, default=TrainConfig.static_dim)
     parser.add_argument("--static-scale", type=float, default=TrainConfig.static_scale)
@@ -90,7 +97,8 @@ def main() -> None:
         clean_pools=args.clean_pools,
     )
     folds = [FOLDS[int(k) - 1] for k in args.folds.split(",") if k] or FOLDS
-    data = read_jsonl(args.corpus / "train.jsonl.gz") + read_jsonl(args.corpus / "val.jsonl.gz")
+    val = read_jsonl(args.corpus / "val.jsonl.gz")
+    data, n_val = read_jsonl(args.corpus / "train.jsonl.gz") + val, len(val)
     dropped = [s for s in args.drop_sources.split(",") if s]
     domains = sorted({label for ex in data for label in ex.labels})
     for kind in filter(None, args.shapes_without.split(",")):
@@ -106,31 +114,56 @@ def main() -> None:
         x = sp.hstack([x, sp.csr_matrix(s_x * args.static_scale)]).tocsr()
     y = targets(data, domains).numpy()
     src = np.array([ex.source for ex in data])
-    acc = {}
+    n_train = len(data) - n_val
+    acc: dict[str, float] = {}
+    routed: dict[str, float] = {}
     for fold in folds:
         tr = np.where(~np.isin(src, fold + dropped))[0]
+        va = tr[tr >= n_train] if args.routed else tr[:0]
+        tr = tr[tr < n_train] if args.routed else tr  # --routed: calibrate on validation rows, never fit on them
         # the cleaner sees only this fold's training rows, so the left-out sources stay unseen
-        disputed, _ = confident_disagreements(x[tr], y[tr], list(src[tr]), relabelled_sources(), cfg)
+        disputed, disputed_va = confident_disagreements(
+            x[tr], y[tr], list(src[tr]), relabelled_sources(), cfg, (x[va], y[va], list(src[va]))
+        )
         if disputed.any():
             print(f"clean_pools: dropped {disputed.sum()} pool items", flush=True)
-        tr = tr[~disputed]
+        tr, va = tr[~disputed], va if disputed_va is None else va[~disputed_va]
         dev = np.where(np.isin(src, fold) & (y.sum(axis=1) == 1))[0]
         weight = np.where(y[tr].sum(axis=1) > 1, args.multi_label_weight, 1.0)
         if args.source_power:
             weight = weight * source_weights(list(src[tr]), args.source_power)
-        scores = np.zeros((len(dev), len(domains)))
-        for j in range(len(domains)):
-            lr = LogisticRegression(C=args.c, solver="liblinear", class_weight=class_weight, max_iter=300)
-            lr.fit(x[tr], y[tr, j], sample_weight=weight)
-            scores[:, j] = lr.decision_function(x[dev])
-        hit = scores.argmax(axis=1) == y[dev].argmax(axis=1)
+        fitted = fit_linear(x[tr], y[tr], weight, cfg)
+        scores = np.stack([lr.decision_function(x[dev]) for lr in fitted], axis=1)
+        hits = {"argmax": scores.argmax(axis=1)}
+        if args.routed:  # thresholds as the trainer calibrates them, prompts routed as the policy routes them
+            probs_va = np.stack([lr.predict_proba(x[va])[:, 1] for lr in fitted], axis=1)
+            thresholds = calibrate(probs_va, y[va], domains, cfg.calibration)
+            print(f"thresholds: {thresholds}", flush=True)
+            hits["routed"] = route_top1(1 / (1 + np.exp(-scores)), thresholds, domains, "general")
         for s in fold:
-            if (src[dev] == s).any():
-                acc[s] = float(hit[src[dev] == s].mean())
-                print(f"{s:20s} {acc[s]:.3f}  (n={(src[dev] == s).sum()})", flush=True)
-    first = [acc[s] for fold in FOLDS[:4] for s in fold if s in acc]
-    print(f"mean accuracy over the first {len(first)} left-out sources (folds 1-4): {np.mean(first):.4f}")
-    print(f"mean accuracy over all {len(acc)} left-out sources: {np.mean(list(acc.values())):.4f}")
+            rows = src[dev] == s
+            if rows.any():
+                truth = y[dev][rows].argmax(axis=1)
+                acc[s] = float((hits["argmax"][rows] == truth).mean())
+                line = f"{s:20s} {acc[s]:.3f}"
+                if "routed" in hits:
+                    routed[s] = float((hits["routed"][rows] == truth).mean())
+                    line += f"  routed {routed[s]:.3f}"
+                print(f"{line}  (n={rows.sum()})", flush=True)
+    for name, scores_by_source in (("accuracy", acc), ("routed accuracy", routed)):
+        if scores_by_source:
+            first = [scores_by_source[s] for fold in FOLDS[:4] for s in fold if s in scores_by_source]
+            print(f"mean {name} over the first {len(first)} left-out sources (folds 1-4): {np.mean(first):.4f}")
+            every = np.mean(list(scores_by_source.values()))
+            print(f"mean {name} over all {len(scores_by_source)} left-out sources: {every:.4f}")
+
+
+def route_top1(probs: np.ndarray, thresholds: dict[str, float], domains: list[str], fallback: str) -> np.ndarray:
+    """Column index each row is routed to first (router.evaluate.routed_top1 over a matrix of scores)."""
+    t = np.array([thresholds[d] for d in domains])
+    passed = probs >= t
+    top = np.where(passed, probs, -1.0).argmax(axis=1)
+    return np.where(passed.any(axis=1), top, domains.index(fallback))
 
 
 if __name__ == "__main__":

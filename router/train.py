@@ -165,8 +165,13 @@ def confident_disagreements(
     """
     src = np.asarray(sources)
     trusted = ~np.isin(src, list(pools))
+    nothing = np.zeros(len(src), dtype=bool), None if score_rows is None else np.zeros(len(score_rows[2]), bool)
     if cfg.clean_pools <= 0 or trusted.all():
-        return np.zeros(len(src), dtype=bool), None if score_rows is None else np.zeros(len(score_rows[2]), bool)
+        return nothing
+    if (y[trusted].min(axis=0) == y[trusted].max(axis=0)).any():
+        # a domain whose prompts all come from pools (or that labels every trusted prompt) has no judge
+        logger.warning("clean_pools: a domain has no source-labelled positives or negatives; nothing flagged")
+        return nothing
     weight = np.where(y[trusted].sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
     fitted = fit_linear(x[trusted], y[trusted], weight, cfg)
 

@@ -777,6 +777,10 @@ def test_clean_pools_drops_only_disputed_items_of_relabelled_pools() -> None:
     assert [ex.text for ex, d in zip(rows, drop, strict=True) if d] == [ex.text for ex in wrong]
     off, _ = confident_disagreements(x, y, [ex.source for ex in rows], relabelled_sources(), TrainConfig(clean_pools=0))
     assert not off.any()
+    # a domain known only from pools has no source-labelled judge: nothing is flagged, nothing fails
+    no_judge = [ex if ex.source != "garage" else Example(ex.text, ex.labels, "quora") for ex in rows]
+    drop_none, _ = confident_disagreements(x, y, [ex.source for ex in no_judge], relabelled_sources(), cfg)
+    assert not drop_none.any()
     # training drops them from train and validation: the same model as one trained without them
     val = trusted[::4] + wrong[:1] + right[:2]
     cleaned, _ = train_router(rows, val, cfg, progress=False)
@@ -789,3 +793,61 @@ def test_clean_pools_drops_only_disputed_items_of_relabelled_pools() -> None:
     assert kept.score("apple banana fruit salad bowl")["car"] > cleaned.score("apple banana fruit salad bowl")["car"]
     with pytest.raises(DataError, match="clean_pools must be in"):
         train_router(rows, val, TrainConfig(**{**cfg.__dict__, "clean_pools": 1.5}), progress=False)
+
+
+def test_dev_eval_routed_matches_the_trained_router(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """dev_eval --routed scores a fold as the trainer would ship it: fit on train, thresholds from val."""
+    import random
+    import re
+
+    from router import dev_eval
+    from router.evaluate import routed_top1
+
+    rng = random.Random(0)
+    words = {
+        "code": ["python", "function", "list", "sort", "error", "compile", "bug", "loop", "array"],
+        "medical": ["symptoms", "pain", "doctor", "fever", "dose", "rash", "blood", "heart"],
+        "general": ["capital", "city", "travel", "weather", "recipe", "movie", "history", "river"],
+    }
+    shared = ["what", "how", "why", "is", "the", "best", "way"]
+
+    def prompts(domain: str, source: str, n: int, foreign: int = 1) -> list[Example]:
+        out = []
+        for _ in range(n):
+            mix = rng.sample(words[domain], 2) + rng.sample(shared, 2)
+            for _ in range(rng.randint(0, foreign)):  # words of another domain: scores overlap, thresholds matter
+                mix.append(rng.choice(words[rng.choice([d for d in words if d != domain])]))
+            label = domain if rng.random() > 0.1 else rng.choice(list(words))  # and some labels are wrong
+            out.append(Example(" ".join(rng.sample(mix, len(mix))), [label], source))
+        return out
+
+    # fold 1 leaves out cqa-webmasters (code), healthsearchqa (medical), clinc150 (general)
+    left_out = prompts("code", "cqa-webmasters", 40, 3) + prompts("medical", "healthsearchqa", 40, 3)
+    left_out += prompts("general", "clinc150", 40, 3)
+    train = prompts("code", "staqc", 60) + prompts("medical", "k-qa", 60) + prompts("general", "nlu-general", 30)
+    train += prompts("general", "quora", 30) + prompts("medical", "quora", 2)  # pool items the cleaner may dispute
+    val = prompts("code", "staqc", 25) + prompts("medical", "k-qa", 25) + prompts("general", "quora", 25)
+    for name, rows in (("train", train + left_out[::2]), ("val", val + left_out[1::2])):
+        with gzip.open(tmp_path / f"{name}.jsonl.gz", "wt") as f:
+            for ex in rows:
+                f.write(json.dumps({"text": ex.text, "labels": ex.labels, "source": ex.source}) + "\n")
+    argv = ["dev_eval", "--corpus", str(tmp_path), "--folds", "1", "--routed"]
+    monkeypatch.setattr("sys.argv", [*argv, "--drug-feature", "off", "--disease-feature", "off"])
+    dev_eval.main()
+    out = capsys.readouterr().out
+    printed = {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(r"(\S+)\s+([\d.]+)\s+routed ([\d.]+)", out)}
+
+    cfg = TrainConfig(drug_feature="off", disease_feature="off")
+    model, _ = train_router(train, val, cfg, progress=False)
+    assert f"thresholds: {model.config.thresholds}" in out
+    for source in ("cqa-webmasters", "healthsearchqa", "clinc150"):
+        rows = [ex for ex in left_out if ex.source == source]
+        scores = [model.score(ex.text) for ex in rows]
+        top = [max(s, key=s.get) for s in scores]
+        routed = [routed_top1(s, model.config.thresholds, "general")[0] for s in scores]
+        argmax_acc = np.mean([t == ex.labels[0] for t, ex in zip(top, rows, strict=True)])
+        routed_acc = np.mean([r == ex.labels[0] for r, ex in zip(routed, rows, strict=True)])
+        assert printed[source] == (round(argmax_acc, 3), round(routed_acc, 3)), (source, printed)
+    assert "mean routed accuracy over all 3 left-out sources" in out
