@@ -139,8 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="P",
-        help="linear: drop keyword-relabelled pool items that a model of the source-labelled prompts gives another "
-        "domain above P (0: keep all) (default: TrainConfig's)",
+        help="drop keyword-relabelled pool items that a model of the source-labelled prompts gives another domain "
+        "above P (0: keep all) (default: TrainConfig's)",
     )
     tr.set_defaults(func=cmd_train)
     ev = rs.add_parser("eval", help="accuracy, P/R/F1, exact match, confusion and latency")

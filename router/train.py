@@ -68,9 +68,9 @@ class TrainConfig:
     calibration: str = "routing"
     shapes: bool = False  # linear: identifier-shape features (HashingConfig.shapes: camelCase, snake_case, NPE...)
     one_word: bool = True  # linear: the one-word-prompt feature (HashingConfig.one_word; eighth round)
-    # linear: drop an item of a keyword-relabelled pool (relabelled_sources) when a model fitted on the
-    # source-labelled prompts alone gives its label < 0.5 and another domain > this (confident_disagreements;
-    # tenth round); 0 = keep every item
+    # both learners: drop an item of a keyword-relabelled pool (relabelled_sources) when a linear model fitted
+    # on the source-labelled prompts alone gives its label < 0.5 and another domain > this
+    # (confident_disagreements; tenth round); 0 = keep every item
     clean_pools: float = 0.9
     epochs: int = 16
     batch_size: int = 32
@@ -186,6 +186,37 @@ def confident_disagreements(
         return out
 
     return flag(x, y, sources), None if score_rows is None else flag(*score_rows)
+
+
+def pool_disputes(
+    train: list[Example],
+    val: list[Example],
+    domains: list[str],
+    cfg: TrainConfig,
+    x: sp.csr_matrix | None = None,
+    xv: sp.csr_matrix | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """confident_disagreements over a train/val pair, as masks to drop; both learners clean their data with it.
+
+    x and xv are the design matrices when the caller has them (the linear learner); otherwise the prompts
+    are featurised with the linear learner's hashing, since the cleaner is that learner.
+    """
+    if cfg.clean_pools <= 0:
+        return np.zeros(len(train), dtype=bool), np.zeros(len(val), dtype=bool)
+    hashing = hashing_for(cfg)
+    x = features([ex.text for ex in train], hashing) if x is None else x
+    xv = features([ex.text for ex in val], hashing) if xv is None else xv
+    y, yv = targets(train, domains).numpy(), targets(val, domains).numpy()
+    sources, val_sources = [ex.source for ex in train], [ex.source for ex in val]
+    drop, drop_val = confident_disagreements(x, y, sources, relabelled_sources(), cfg, (xv, yv, val_sources))
+    assert drop_val is not None  # score_rows given
+    if drop.any() or drop_val.any():
+        logger.info("clean_pools: dropped %d training and %d validation pool items", drop.sum(), drop_val.sum())
+    return drop, drop_val
+
+
+def _keep(examples: list[Example], drop: np.ndarray) -> list[Example]:
+    return [ex for ex, d in zip(examples, drop, strict=True) if not d]
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -431,13 +462,9 @@ def train_linear(
         if y[:, j].min() == y[:, j].max():
             raise DataError(f"domain {domain!r} labels every training prompt: a classifier needs negatives too")
     yv = targets(val, domains).numpy()
-    drop, drop_val = confident_disagreements(
-        x, y, [ex.source for ex in train], relabelled_sources(), cfg, (xv, yv, [ex.source for ex in val])
-    )
-    if drop.any() or drop_val.any():
-        logger.info("clean_pools: dropped %d training and %d validation pool items", drop.sum(), drop_val.sum())
-        x, y, train = x[~drop], y[~drop], [ex for ex, d in zip(train, drop, strict=True) if not d]
-        val, yv = [ex for ex, d in zip(val, drop_val, strict=True) if not d], yv[~drop_val]
+    drop, drop_val = pool_disputes(train, val, domains, cfg, x, xv)
+    x, y, train = x[~drop], y[~drop], _keep(train, drop)
+    val, yv = _keep(val, drop_val), yv[~drop_val]
     sample_weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
     if cfg.source_power:
         sample_weight = sample_weight * source_weights([ex.source for ex in train], cfg.source_power)
@@ -493,6 +520,8 @@ def train_router(
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train, val, domains = _split_val(train, val, cfg)
+    drop, drop_val = pool_disputes(train, val, domains, cfg)  # the same data step as the linear learner
+    train, val = _keep(train, drop), _keep(val, drop_val)
     model = TinyAda(TinyAdaConfig(domains=domains, dim=cfg.dim, hashing=HashingConfig(buckets=cfg.buckets)))
     feats = [model.batch([ex.text]) for ex in train]  # featurise once, reuse each epoch
     ids = [f[0] for f in feats]

@@ -793,6 +793,13 @@ def test_clean_pools_drops_only_disputed_items_of_relabelled_pools() -> None:
     assert kept.score("apple banana fruit salad bowl")["car"] > cleaned.score("apple banana fruit salad bowl")["car"]
     with pytest.raises(DataError, match="clean_pools must be in"):
         train_router(rows, val, TrainConfig(**{**cfg.__dict__, "clean_pools": 1.5}), progress=False)
+    # the fastText learner cleans its data the same way (the cleaner is the linear model either way)
+    ft = TrainConfig(**{**cfg.__dict__, "kind": "fasttext", "epochs": 2, "dim": 8, "buckets": 1 << 10})
+    ft_cleaned, _ = train_router(rows, val, ft, progress=False)
+    ft_reference, _ = train_router(by_hand, [ex for ex in val if ex not in wrong], ft, progress=False)
+    ft_kept, _ = train_router(rows, val, TrainConfig(**{**ft.__dict__, "clean_pools": 0.0}), progress=False)
+    text = "apple banana fruit salad bowl"
+    assert ft_cleaned.score(text) == ft_reference.score(text) != ft_kept.score(text)
 
 
 def test_dev_eval_routed_matches_the_trained_router(
