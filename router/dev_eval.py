@@ -11,8 +11,8 @@ over the first 12 left-out sources (the first round's folds, comparable across r
 (the fifth fold leaves out sources of the second round: Python titles, patient chat questions,
 human-written instructions). --drop-sources removes sources from every fold's training (they are still
 scored when a fold leaves them out), which is how a corpus without the second round's sources is
-measured on the same folds. --folds runs a
-subset of the folds for quick screening only: a shipped choice is backed by the full run's means.
+measured on the same folds. --folds runs a subset of the folds for quick screening only: a shipped
+choice is backed by the full run's means.
 --disease-list and --shapes-without are ablations (another disease names file; shape kinds left out).
 """
 
@@ -39,7 +39,8 @@ from router.train import (
     load_static,
     read_jsonl,
     relabelled_sources,
-    source_weights,
+    routed_choices,
+    sample_weights,
     static_matrix,
     targets,
 )
@@ -94,11 +95,12 @@ def main() -> None:
         c=args.c,
         class_weight=class_weight,
         multi_label_weight=args.multi_label_weight,
+        source_power=args.source_power,
         clean_pools=args.clean_pools,
     )
     folds = [FOLDS[int(k) - 1] for k in args.folds.split(",") if k] or FOLDS
-    val = read_jsonl(args.corpus / "val.jsonl.gz")
-    data, n_val = read_jsonl(args.corpus / "train.jsonl.gz") + val, len(val)
+    train = read_jsonl(args.corpus / "train.jsonl.gz")
+    data, n_train = train + read_jsonl(args.corpus / "val.jsonl.gz"), len(train)  # rows >= n_train: val split
     dropped = [s for s in args.drop_sources.split(",") if s]
     domains = sorted({label for ex in data for label in ex.labels})
     for kind in filter(None, args.shapes_without.split(",")):
@@ -114,7 +116,6 @@ def main() -> None:
         x = sp.hstack([x, sp.csr_matrix(s_x * args.static_scale)]).tocsr()
     y = targets(data, domains).numpy()
     src = np.array([ex.source for ex in data])
-    n_train = len(data) - n_val
     acc: dict[str, float] = {}
     routed: dict[str, float] = {}
     for fold in folds:
@@ -127,19 +128,19 @@ def main() -> None:
         )
         if disputed.any():
             print(f"clean_pools: dropped {disputed.sum()} pool items", flush=True)
-        tr, va = tr[~disputed], va if disputed_va is None else va[~disputed_va]
+        tr, va = tr[~disputed], va[~disputed_va]
         dev = np.where(np.isin(src, fold) & (y.sum(axis=1) == 1))[0]
-        weight = np.where(y[tr].sum(axis=1) > 1, args.multi_label_weight, 1.0)
-        if args.source_power:
-            weight = weight * source_weights(list(src[tr]), args.source_power)
-        fitted = fit_linear(x[tr], y[tr], weight, cfg)
+        fitted = fit_linear(x[tr], y[tr], sample_weights(y[tr], list(src[tr]), cfg), cfg)
         scores = np.stack([lr.decision_function(x[dev]) for lr in fitted], axis=1)
         hits = {"argmax": scores.argmax(axis=1)}
         if args.routed:  # thresholds as the trainer calibrates them, prompts routed as the policy routes them
             probs_va = np.stack([lr.predict_proba(x[va])[:, 1] for lr in fitted], axis=1)
             thresholds = calibrate(probs_va, y[va], domains, cfg.calibration)
             print(f"thresholds: {thresholds}", flush=True)
-            hits["routed"] = route_top1(1 / (1 + np.exp(-scores)), thresholds, domains, "general")
+            probs = 1 / (1 + np.exp(-scores))
+            t = np.array([thresholds[d] for d in domains])
+            chosen = routed_choices(probs, t, domains.index("general"), top_k=1)
+            hits["routed"] = chosen.argmax(axis=1)
         for s in fold:
             rows = src[dev] == s
             if rows.any():
@@ -156,14 +157,6 @@ def main() -> None:
             print(f"mean {name} over the first {len(first)} left-out sources (folds 1-4): {np.mean(first):.4f}")
             every = np.mean(list(scores_by_source.values()))
             print(f"mean {name} over all {len(scores_by_source)} left-out sources: {every:.4f}")
-
-
-def route_top1(probs: np.ndarray, thresholds: dict[str, float], domains: list[str], fallback: str) -> np.ndarray:
-    """Column index each row is routed to first (router.evaluate.routed_top1 over a matrix of scores)."""
-    t = np.array([thresholds[d] for d in domains])
-    passed = probs >= t
-    top = np.where(passed, probs, -1.0).argmax(axis=1)
-    return np.where(passed.any(axis=1), top, domains.index(fallback))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,14 @@ def hashing_for(cfg: TrainConfig) -> HashingConfig:
     )
 
 
+def sample_weights(y: np.ndarray, sources: list[str], cfg: TrainConfig) -> np.ndarray:
+    """Per-prompt fit weights: multi-domain prompts count cfg.multi_label_weight, times source_weights."""
+    weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
+    if cfg.source_power:
+        weight = weight * source_weights(sources, cfg.source_power)
+    return weight
+
+
 def relabelled_sources() -> frozenset[str]:
     """Names of the corpus sources labelled item by item by keyword rules (router/data/relabel.py)."""
     from router.data.build_corpus import SOURCES
@@ -150,7 +158,7 @@ def confident_disagreements(
     pools: frozenset[str],
     cfg: TrainConfig,
     score_rows: tuple[sp.csr_matrix, np.ndarray, list[str]] | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Masks of pool items whose keyword label a source-labelled model confidently disputes.
 
     Keyword rules label a mixed pool (Quora, MS MARCO, Dolly...) item by item, and miss what they have
@@ -161,11 +169,12 @@ def confident_disagreements(
     every source-labelled prompt is kept. Of a seeded sample of 40 flagged items, 11 were mislabelled, 3 moot
     and the rest hard but right (science trivia flagged medical): it trades general recall for medical
     recall, which the dev score weighed (docs/router-data.md, tenth round). score_rows (x, y, sources)
-    are flagged by the same model: the validation split.
+    are flagged by the same model (the validation split); without them the second mask is empty.
     """
+    score_rows = score_rows or (x[:0], y[:0], [])
     src = np.asarray(sources)
     trusted = ~np.isin(src, list(pools))
-    nothing = np.zeros(len(src), dtype=bool), None if score_rows is None else np.zeros(len(score_rows[2]), bool)
+    nothing = np.zeros(len(src), dtype=bool), np.zeros(len(score_rows[2]), dtype=bool)
     if cfg.clean_pools <= 0 or trusted.all():
         return nothing
     if (y[trusted].min(axis=0) == y[trusted].max(axis=0)).any():
@@ -185,7 +194,7 @@ def confident_disagreements(
             out[rows] = (own < 0.5) & (other > cfg.clean_pools)
         return out
 
-    return flag(x, y, sources), None if score_rows is None else flag(*score_rows)
+    return flag(x, y, sources), flag(*score_rows)
 
 
 def pool_disputes(
@@ -209,7 +218,6 @@ def pool_disputes(
     y, yv = targets(train, domains).numpy(), targets(val, domains).numpy()
     sources, val_sources = [ex.source for ex in train], [ex.source for ex in val]
     drop, drop_val = confident_disagreements(x, y, sources, relabelled_sources(), cfg, (xv, yv, val_sources))
-    assert drop_val is not None  # score_rows given
     if drop.any() or drop_val.any():
         logger.info("clean_pools: dropped %d training and %d validation pool items", drop.sum(), drop_val.sum())
     return drop, drop_val
@@ -296,26 +304,30 @@ def calibrate(probs: np.ndarray, y: np.ndarray, domains: list[str], mode: str) -
     raise DataError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {mode!r}")
 
 
+def routed_choices(probs: np.ndarray, t: np.ndarray, fallback: int | None, top_k: int) -> np.ndarray:
+    """(N, domains) mask of the domains each row is sent to, as router.policy.RoutingPolicy chooses: every
+    domain whose score reaches its threshold, at most top_k, highest first; none: the fallback column (None:
+    the argmax)."""
+    passed = probs >= t
+    masked = np.where(passed, probs, -1.0)
+    rank = (-masked).argsort(axis=1).argsort(axis=1)  # 0 = highest passing score
+    chosen = passed & (rank < top_k)
+    none = ~chosen.any(axis=1)
+    chosen[none, probs[none].argmax(axis=1) if fallback is None else fallback] = True
+    return chosen
+
+
 def _routing_objective(
     probs: np.ndarray, y: np.ndarray, t: np.ndarray, fallback: int | None, top_k: int, multi_weight: float
 ) -> float:
     """(1 - w) * share of single-label rows routed to exactly their domain + w * share of multi-domain rows
     with every labelled domain chosen.
 
-    Chosen as the policy chooses (router.policy.RoutingPolicy): every domain whose score reaches its
-    threshold, at most top_k, highest first; none: the fallback domain. A single-label row counts only if
+    Domains are chosen as served (routed_choices). A single-label row counts only if
     the chosen set is its one domain, so a low threshold that adds a needless second specialist costs
     as much as a wrong one (otherwise the two-domain term alone would push thresholds towards 0).
     """
-    passed = probs >= t
-    masked = np.where(passed, probs, -1.0)
-    rank = (-masked).argsort(axis=1).argsort(axis=1)  # 0 = highest passing score
-    chosen = passed & (rank < top_k)
-    if fallback is not None:
-        chosen[~chosen.any(axis=1), fallback] = True
-    else:
-        none = ~chosen.any(axis=1)
-        chosen[none, probs[none].argmax(axis=1)] = True
+    chosen = routed_choices(probs, t, fallback, top_k)
     truth = y == 1
     single, multi = truth.sum(axis=1) == 1, truth.sum(axis=1) > 1
     exact = float((chosen[single] == truth[single]).all(axis=1).mean()) if single.any() else 0.0
@@ -465,10 +477,7 @@ def train_linear(
     drop, drop_val = pool_disputes(train, val, domains, cfg, x, xv)
     x, y, train = x[~drop], y[~drop], _keep(train, drop)
     val, yv = _keep(val, drop_val), yv[~drop_val]
-    sample_weight = np.where(y.sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
-    if cfg.source_power:
-        sample_weight = sample_weight * source_weights([ex.source for ex in train], cfg.source_power)
-    fitted = fit_linear(x, y, sample_weight, cfg)
+    fitted = fit_linear(x, y, sample_weights(y, [ex.source for ex in train], cfg), cfg)
     weights, biases = [lr.coef_[0] for lr in fitted], [lr.intercept_[0] for lr in fitted]
     n, b = len(domains), hashing.buckets
     w_all = np.stack(weights, axis=1)  # (buckets [+ k], n_domains)
