@@ -760,6 +760,8 @@ def test_train_config_calibration_mode(tmp_path: Path) -> None:
 
 
 def test_clean_pools_drops_only_disputed_items_of_relabelled_pools() -> None:
+    import dataclasses
+
     from router.train import confident_disagreements, features, hashing_for, relabelled_sources, targets
 
     assert {"quora", "msmarco", "dolly"} <= relabelled_sources() and "clinc150" not in relabelled_sources()
@@ -784,20 +786,20 @@ def test_clean_pools_drops_only_disputed_items_of_relabelled_pools() -> None:
     # training drops them from train and validation: the same model as one trained without them
     val = trusted[::4] + wrong[:1] + right[:2]
     cleaned, _ = train_router(rows, val, cfg, progress=False)
-    by_hand = [ex for ex in rows if ex not in wrong]
-    reference, _ = train_router(by_hand, [ex for ex in val if ex not in wrong], cfg, progress=False)
+    by_hand, val_by_hand = [ex for ex in rows if ex not in wrong], [ex for ex in val if ex not in wrong]
+    reference, _ = train_router(by_hand, val_by_hand, cfg, progress=False)
     for text in ["apple banana fruit salad bowl", "engine car", "a quiet evening"]:
         assert cleaned.score(text) == reference.score(text)
     assert cleaned.config.thresholds == reference.config.thresholds
-    kept, _ = train_router(rows, val, TrainConfig(**{**cfg.__dict__, "clean_pools": 0.0}), progress=False)
+    kept, _ = train_router(rows, val, dataclasses.replace(cfg, clean_pools=0.0), progress=False)
     assert kept.score("apple banana fruit salad bowl")["car"] > cleaned.score("apple banana fruit salad bowl")["car"]
     with pytest.raises(DataError, match="clean_pools must be in"):
-        train_router(rows, val, TrainConfig(**{**cfg.__dict__, "clean_pools": 1.5}), progress=False)
+        train_router(rows, val, dataclasses.replace(cfg, clean_pools=1.5), progress=False)
     # the fastText learner cleans its data the same way (the cleaner is the linear model either way)
-    ft = TrainConfig(**{**cfg.__dict__, "kind": "fasttext", "epochs": 2, "dim": 8, "buckets": 1 << 10})
+    ft = dataclasses.replace(cfg, kind="fasttext", epochs=2, dim=8, buckets=1 << 10)
     ft_cleaned, _ = train_router(rows, val, ft, progress=False)
-    ft_reference, _ = train_router(by_hand, [ex for ex in val if ex not in wrong], ft, progress=False)
-    ft_kept, _ = train_router(rows, val, TrainConfig(**{**ft.__dict__, "clean_pools": 0.0}), progress=False)
+    ft_reference, _ = train_router(by_hand, val_by_hand, ft, progress=False)
+    ft_kept, _ = train_router(rows, val, dataclasses.replace(ft, clean_pools=0.0), progress=False)
     text = "apple banana fruit salad bowl"
     assert ft_cleaned.score(text) == ft_reference.score(text) != ft_kept.score(text)
 
