@@ -328,6 +328,8 @@ def _fixture_mirror(root: Path) -> str:
     mixed = ["How do I sort a list in Python?", "What are the symptoms of flu?", "Best pizza in Naples?"]
     mixed += ["What is the best diet?", "Can gout be cured?", "Who wrote Hamlet?"]
     mixed += ["is it safe to take ibuprofen when I am breastfeeding", "what color is metoprolol"]
+    mixed += ["Classify these as birds or fish: owl, trout", "What is a class in Java?", "How do I add a class?"]
+    mixed += ["what is the zip code for alliance ohio", "how do I fix this code"]
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
         gz.write("".join(f"{i}\t{q}\n" for i, q in enumerate(mixed)).encode())
@@ -385,6 +387,10 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     assert trained["What are the symptoms of flu?"] == ["medical"]
     assert trained["Who wrote Hamlet?"] == ["general"]
     assert "What is the best diet?" not in trained  # weak health cue: ambiguous, dropped rather than guessed
+    assert "How do I add a class?" not in trained  # weak code cue: a class may be a yoga class or a Python one
+    assert trained["What is a class in Java?"] == ["code"]
+    assert trained["Classify these as birds or fish: owl, trout"] == ["general"]  # "classify" is no code cue
+    assert trained["what is the zip code for alliance ohio"] == ["general"] and "how do I fix this code" not in trained
     assert trained["what color is metoprolol"] == ["medical"]  # a drug's name alone is a medical cue
     # GenMedGPT-style patient turns: the salutation to the doctor is cut, the symptoms stay; duplicates once
     chat = sorted(ex.text for ex in rows if ex.source == "chat")

@@ -69,7 +69,7 @@ website\w* web\s+page\w* internet browser\w* chrome firefox server\w* database\w
 google\s+sheets hack\w* cyber\w* tech technology\w* it\s+support data\s+science machine\s+learning
 artificial\s+intelligence ai chatgpt swift ruby rust assembly shell bash flask react angular eclipse ide gpt
 code codes coded developer\w* engineer\w* frameworks? variables? functions? loops? integer\w* float\w*
-strings? methods? class\w* exceptions? pointers? syntax scripts?
+strings? methods? class(?:es)? exceptions? pointers? syntax scripts?
 """
 
 
@@ -85,6 +85,12 @@ MEDICAL_STRONG = _compile(_MEDICAL_STRONG + "\n" + _DRUGS)
 MEDICAL_WEAK = _compile(_MEDICAL_WEAK)
 CODE_STRONG = _compile(_CODE_STRONG)
 CODE_WEAK = _compile(_CODE_WEAK)
+# "code" in an everyday compound (a zip code, a dress code, the civil code) is not a programming cue.
+EVERYDAY_CODE = re.compile(
+    r"\b(?:zip|area|postal|post|dress|promo|discount|coupon|country|morse|genetic|bar|qr|tax|penal|civil|building)"
+    r"\s+codes?\b",
+    re.IGNORECASE,
+)
 # Code-looking text (a snippet pasted into a prompt) is code whatever the words say.
 CODE_SHAPE = re.compile(r"(\bdef \w+\(|\bfunction\s*\w*\(|[{};]\s*$|=>|\w+\(\)|#include|</\w+>|\$\(|::)", re.MULTILINE)
 
@@ -99,6 +105,6 @@ def relabel(text: str) -> list[str] | None:
         return ["medical"]
     if code:
         return ["code"]
-    if MEDICAL_WEAK.search(text) or CODE_WEAK.search(text):
+    if MEDICAL_WEAK.search(text) or CODE_WEAK.search(EVERYDAY_CODE.sub(" ", text)):
         return None
     return ["general"]
