@@ -181,8 +181,7 @@ def confident_disagreements(
         # a domain whose prompts all come from pools (or that labels every trusted prompt) has no judge
         logger.warning("clean_pools: a domain has no source-labelled positives or negatives; nothing flagged")
         return nothing
-    weight = np.where(y[trusted].sum(axis=1) > 1, cfg.multi_label_weight, 1.0)
-    fitted = fit_linear(x[trusted], y[trusted], weight, cfg)
+    fitted = fit_linear(x[trusted], y[trusted], sample_weights(y[trusted], list(src[trusted]), cfg), cfg)
 
     def flag(xs: sp.csr_matrix, ys: np.ndarray, ss: list[str]) -> np.ndarray:
         rows = np.isin(np.asarray(ss), list(pools)) & (ys.sum(axis=1) == 1)
