@@ -92,8 +92,8 @@ class _Trimmer:
             if not malloc_trim():
                 continue  # nothing to give back (or not glibc)
             self.last_ms = (time.perf_counter() - t0) * 1000
-            self.trims += 1
             self.released_mb += max(0.0, before - rss_mb())
+            self.trims += 1  # last: a reader that sees this trim counted sees what it released too
 
     def stop(self) -> None:
         self._stop.set()
