@@ -346,6 +346,9 @@ def _fixture_mirror(root: Path) -> str:
     head = "answerid;scenario;intent;answer_annotation;answer_from_anno;answer_from_user\n"
     nlu = '1;general;praise;"well done";"well done";"well done."\n2;alarm;alarm_set;"x";"x";"wake me at six"\n'
     (repo / "nlu.csv").write_text(head + nlu)
+    hobby = ["__label__baking __label__bread Kneading bread after rising", "__label__sugar How to caramelize sugar?"]
+    hobby += ["__label__food-safety How much gluten sets off celiac disease?", "__label__soup Ramen with egg :: why?"]
+    (repo / "hobby.txt").write_text("\n".join(hobby) + "\n")
     code = repo / "src" / "maths"
     code.mkdir(parents=True)
     area = 'def circle_area(r: float) -> float:\n    """Area of a circle.\n\n    >>> circle_area(0)\n    0\n    """\n'
@@ -376,6 +379,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
         bc.Source("clinc150", "acme/prompts", commit, ["clinc.json"], bc._clinc, "general", "-"),
         bc.Source("nlu", "acme/prompts", commit, ["nlu.csv"], bc._nlu_general, "general", "-", short=True),
         bc.Source("heads", "acme/prompts", commit, ["src"], bc._python_function_heads(("src/euler/",)), "code", "-"),
+        bc.Source("hobby", "acme/prompts", commit, ["hobby.txt"], bc._fasttext_titles, "general-screened", "-"),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -405,7 +409,11 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     by_name = {m["name"]: m for m in manifest["sources"]}
     assert by_name["mixed"]["dropped_near_heldout"] == 1
     assert by_name["chat"]["dropped_duplicate"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit] * 7
+    assert [m["commit"] for m in manifest["sources"]] == [commit] * 8
+    # a screened general pool: its tags are cut, a weak cue ("sugar") stays general (the keyword rules would
+    # drop it), a strong specialist cue ("celiac disease", a code-shaped "::") is dropped as ambiguous
+    assert trained["Kneading bread after rising"] == trained["How to caramelize sugar?"] == ["general"]
+    assert by_name["hobby"]["kept"] == 2 and by_name["hobby"]["dropped_ambiguous"] == 2
     # documented functions and methods, as their def line and docstring (no body), from .py files only,
     # not under the skipped directory, and a file this Python cannot parse is passed over
     heads = sorted(ex.text for ex in rows if ex.source == "heads")

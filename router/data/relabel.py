@@ -95,6 +95,11 @@ EVERYDAY_CODE = re.compile(
 CODE_SHAPE = re.compile(r"(\bdef \w+\(|\bfunction\s*\w*\(|[{};]\s*$|=>|\w+\(\)|#include|</\w+>|\$\(|::)", re.MULTILINE)
 
 
+def specialist_cue(text: str) -> bool:
+    """Whether an item holds a strong medical or code cue or looks like code: what relabel() never calls general."""
+    return bool(MEDICAL_STRONG.search(text) or CODE_STRONG.search(text) or CODE_SHAPE.search(text))
+
+
 def relabel(text: str) -> list[str] | None:
     """Labels of one item of a mixed pool: ["medical"], ["code"], ["general"], or None (drop: ambiguous)."""
     med = bool(MEDICAL_STRONG.search(text))
