@@ -349,6 +349,10 @@ def _fixture_mirror(root: Path) -> str:
     hobby = ["__label__baking __label__bread Kneading bread after rising", "__label__sugar How to caramelize sugar?"]
     hobby += ["__label__food-safety How much gluten sets off celiac disease?", "__label__soup Ramen with egg :: why?"]
     (repo / "hobby.txt").write_text("\n".join(hobby) + "\n")
+    so = ["Add a custom field to the WordPress admin", "SVN merge merged extra stuff", "Excel detect inactivity"]
+    (repo / "so_titles.txt").write_text("\n".join(so) + "\n")
+    (repo / "so_labels.txt").write_text("1\n3\n5\n")  # 1 is wordpress
+    (repo / "so_short.txt").write_text("2\n")  # fewer category lines than titles
     code = repo / "src" / "maths"
     code.mkdir(parents=True)
     area = 'def circle_area(r: float) -> float:\n    """Area of a circle.\n\n    >>> circle_area(0)\n    0\n    """\n'
@@ -380,6 +384,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
         bc.Source("nlu", "acme/prompts", commit, ["nlu.csv"], bc._nlu_general, "general", "-", short=True),
         bc.Source("heads", "acme/prompts", commit, ["src"], bc._python_function_heads(("src/euler/",)), "code", "-"),
         bc.Source("hobby", "acme/prompts", commit, ["hobby.txt"], bc._fasttext_titles, "general-screened", "-"),
+        bc.Source("so", "acme/prompts", commit, ["so_titles.txt", "so_labels.txt"], bc._so_short_text, "code", "-"),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -409,7 +414,10 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     by_name = {m["name"]: m for m in manifest["sources"]}
     assert by_name["mixed"]["dropped_near_heldout"] == 1
     assert by_name["chat"]["dropped_duplicate"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit] * 8
+    assert [m["commit"] for m in manifest["sources"]] == [commit] * 9
+    # the Stack Overflow short-text titles, but for the wordpress category (a held-out source's product)
+    assert trained["SVN merge merged extra stuff"] == trained["Excel detect inactivity"] == ["code"]
+    assert by_name["so"]["read"] == 2 and "Add a custom field to the WordPress admin" not in trained
     # a screened general pool: its tags are cut, a weak cue ("sugar") stays general (the keyword rules would
     # drop it), a strong specialist cue ("celiac disease", a code-shaped "::") is dropped as ambiguous
     assert trained["Kneading bread after rising"] == trained["How to caramelize sugar?"] == ["general"]
@@ -426,6 +434,9 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     assert by_name["clinc-short"]["kept"] == 3 and by_name["clinc150"]["kept"] == 1  # the 8-word one
     assert by_name["clinc150"]["dropped_unusable"] == 2  # "hi" and "ok" are fragments to a plain source
     assert by_name["clinc150"]["dropped_duplicate_across_sources"] == 1  # "no thanks", taken by clinc-short
+    short = [bc.Source("s", "acme/prompts", commit, ["so_titles.txt", "so_short.txt"], bc._so_short_text, "code", "-")]
+    with pytest.raises(bc.CorpusError, match=r"so_titles\.txt has 3 lines but so_short\.txt has 1"):
+        bc.build(tmp_path / "mirrors", short, handwritten=None)
     bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
     with pytest.raises(bc.CorpusError, match="lacks pinned commit"):
         bc.build(tmp_path / "mirrors", bad, handwritten=None)
