@@ -348,11 +348,13 @@ def _fixture_mirror(root: Path) -> str:
     (repo / "nlu.csv").write_text(head + nlu)
     hobby = ["__label__baking __label__bread Kneading bread after rising", "__label__sugar How to caramelize sugar?"]
     hobby += ["__label__food-safety How much gluten sets off celiac disease?", "__label__soup Ramen with egg :: why?"]
+    hobby += ["__label__software Best Python app for my recipes?"]
     (repo / "hobby.txt").write_text("\n".join(hobby) + "\n")
     so = ["Add a custom field to the WordPress admin", "SVN merge merged extra stuff", "Excel detect inactivity"]
     (repo / "so_titles.txt").write_text("\n".join(so) + "\n")
     (repo / "so_labels.txt").write_text("1\n3\n5\n")  # 1 is wordpress
     (repo / "so_short.txt").write_text("2\n")  # fewer category lines than titles
+    (repo / "so_words.txt").write_text("3\nsvn\n5\n")  # a category that is not a number
     code = repo / "src" / "maths"
     code.mkdir(parents=True)
     area = 'def circle_area(r: float) -> float:\n    """Area of a circle.\n\n    >>> circle_area(0)\n    0\n    """\n'
@@ -421,7 +423,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     # a screened general pool: its tags are cut, a weak cue ("sugar") stays general (the keyword rules would
     # drop it), a strong specialist cue ("celiac disease", a code-shaped "::") is dropped as ambiguous
     assert trained["Kneading bread after rising"] == trained["How to caramelize sugar?"] == ["general"]
-    assert by_name["hobby"]["kept"] == 2 and by_name["hobby"]["dropped_ambiguous"] == 2
+    assert by_name["hobby"]["kept"] == 2 and by_name["hobby"]["dropped_ambiguous"] == 3  # and a "Python" one
     # documented functions and methods, as their def line and docstring (no body), from .py files only,
     # not under the skipped directory, and a file this Python cannot parse is passed over
     heads = sorted(ex.text for ex in rows if ex.source == "heads")
@@ -437,6 +439,9 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     short = [bc.Source("s", "acme/prompts", commit, ["so_titles.txt", "so_short.txt"], bc._so_short_text, "code", "-")]
     with pytest.raises(bc.CorpusError, match=r"so_titles\.txt has 3 lines but so_short\.txt has 1"):
         bc.build(tmp_path / "mirrors", short, handwritten=None)
+    words = [bc.Source("w", "acme/prompts", commit, ["so_titles.txt", "so_words.txt"], bc._so_short_text, "code", "-")]
+    with pytest.raises(bc.CorpusError, match=r"so_words\.txt line 2: category 'svn' is not a number"):
+        bc.build(tmp_path / "mirrors", words, handwritten=None)
     bad = [bc.Source("x", "acme/prompts", "0" * 40, ["health.jsonl"], bc._jsonl_field("q"), "medical", "MIT")]
     with pytest.raises(bc.CorpusError, match="lacks pinned commit"):
         bc.build(tmp_path / "mirrors", bad, handwritten=None)

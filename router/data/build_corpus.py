@@ -211,10 +211,14 @@ SO_SHORT_TEXT_SKIP = {1}  # category 1 is wordpress: a held-out source (cqa-word
 
 def _so_short_text(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
     """The StackOverflow short-text set: titles in one file, their category numbers (1-20) line by line in another."""
+    if len(paths) != 2:
+        raise CorpusError(f"the short-text reader takes a titles file and a categories file, got {paths}")
     titles, labels = (get(p).decode("utf-8").splitlines() for p in paths)
     if len(titles) != len(labels):
         raise CorpusError(f"{paths[0]} has {len(titles)} lines but {paths[1]} has {len(labels)}")
-    for title, label in zip(titles, labels, strict=True):
+    for line, (title, label) in enumerate(zip(titles, labels, strict=True), start=1):
+        if not label.strip().isdigit():
+            raise CorpusError(f"{paths[1]} line {line}: category {label!r} is not a number")
         if int(label) not in SO_SHORT_TEXT_SKIP:
             yield title
 
@@ -866,9 +870,10 @@ class Built:
 def _label(label: str, text: str) -> list[str] | None:
     """An item's labels under its source's label mode; None drops it as ambiguous.
 
-    "general-screened" is for hobby pools that are general as a whole but whose words the keyword rules
-    misread ("kidney beans", "liver", "smoking" in cooking titles): the source labels them, and only an
-    item with a strong specialist cue ("celiac disease", "allergic reaction") is dropped, not guessed.
+    "general-screened" is for hobby pools that are general as a whole but whose everyday words the keyword
+    rules call ambiguous ("sugar", "smoking" in cooking titles): the source labels those general, and only
+    an item with a strong specialist cue ("liver", "kidney beans", "bacteria", "celiac disease") or a code
+    shape is dropped, not guessed.
     """
     if label == "relabel":
         return relabel(text)
