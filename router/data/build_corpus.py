@@ -200,10 +200,13 @@ def _staqc_titles(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str
             yield data[qid]
 
 
+_FASTTEXT_TAGS = re.compile(r"^(?:__label__\S+\s+)+")
+
+
 def _fasttext_titles(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
     """Question titles of fastText's tagged format: each line's leading `__label__tag` tokens are cut."""
     for line in _lines(get, paths):
-        yield re.sub(r"^(?:__label__\S+\s+)+", "", line)
+        yield _FASTTEXT_TAGS.sub("", line)
 
 
 SO_SHORT_TEXT_SKIP = {1}  # category 1 is wordpress: a held-out source (cqa-wordpress) is that product's Q&A

@@ -95,15 +95,19 @@ EVERYDAY_CODE = re.compile(
 CODE_SHAPE = re.compile(r"(\bdef \w+\(|\bfunction\s*\w*\(|[{};]\s*$|=>|\w+\(\)|#include|</\w+>|\$\(|::)", re.MULTILINE)
 
 
+def _strong_cues(text: str) -> tuple[bool, bool]:
+    """(strong medical cue, strong code cue or code shape): the cues that label an item of a mixed pool."""
+    return bool(MEDICAL_STRONG.search(text)), bool(CODE_STRONG.search(text) or CODE_SHAPE.search(text))
+
+
 def specialist_cue(text: str) -> bool:
     """Whether an item holds a strong medical or code cue or looks like code: what relabel() never calls general."""
-    return bool(MEDICAL_STRONG.search(text) or CODE_STRONG.search(text) or CODE_SHAPE.search(text))
+    return any(_strong_cues(text))
 
 
 def relabel(text: str) -> list[str] | None:
     """Labels of one item of a mixed pool: ["medical"], ["code"], ["general"], or None (drop: ambiguous)."""
-    med = bool(MEDICAL_STRONG.search(text))
-    code = bool(CODE_STRONG.search(text) or CODE_SHAPE.search(text))
+    med, code = _strong_cues(text)
     if med and code:
         return None
     if med:
