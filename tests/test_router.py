@@ -355,6 +355,12 @@ def _fixture_mirror(root: Path) -> str:
     (repo / "so_labels.txt").write_text("1\n3\n5\n")  # 1 is wordpress
     (repo / "so_short.txt").write_text("2\n")  # fewer category lines than titles
     (repo / "so_words.txt").write_text("3\nsvn\n5\n")  # a category that is not a number
+    # Yahoo! Answers topic set: CRLF lines, a quoted title with doubled quotes, topics 0-9 (2 Health, 4 Computers)
+    yahoo = ["sentence\tlabel", "Who won the 1984 Stanley Cup?\t5", '"What does ""on the cusp"" mean?"\t7']
+    yahoo += ["how long does a cold last?\t2", "why is my computer so slow?\t4"]
+    yahoo += ["How many calories does a marathon burn?\t5"]
+    (repo / "yahoo.tsv").write_bytes(("\r\n".join(yahoo) + "\r\n").encode())
+    (repo / "yahoo_bad.tsv").write_text("sentence\tlabel\nWho won?\t12\n")  # no topic 12
     code = repo / "src" / "maths"
     code.mkdir(parents=True)
     area = 'def circle_area(r: float) -> float:\n    """Area of a circle.\n\n    >>> circle_area(0)\n    0\n    """\n'
@@ -387,6 +393,8 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
         bc.Source("heads", "acme/prompts", commit, ["src"], bc._python_function_heads(("src/euler/",)), "code", "-"),
         bc.Source("hobby", "acme/prompts", commit, ["hobby.txt"], bc._fasttext_titles, "general-screened", "-"),
         bc.Source("so", "acme/prompts", commit, ["so_titles.txt", "so_labels.txt"], bc._so_short_text, "code", "-"),
+        bc.Source("ya", "acme/prompts", commit, ["yahoo.tsv"], bc._yahoo_topics(bc.YAHOO_GENERAL), "relabel", "-"),
+        bc.Source("ya-health", "acme/prompts", commit, ["yahoo.tsv"], bc._yahoo_topics({"Health"}), "medical", "-"),
     ]
     first = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "a")
     second = bc.write(bc.build(tmp_path / "mirrors", sources, handwritten=None), tmp_path / "b")
@@ -416,7 +424,7 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     by_name = {m["name"]: m for m in manifest["sources"]}
     assert by_name["mixed"]["dropped_near_heldout"] == 1
     assert by_name["chat"]["dropped_duplicate"] == 1
-    assert [m["commit"] for m in manifest["sources"]] == [commit] * 9
+    assert [m["commit"] for m in manifest["sources"]] == [commit] * 11
     # the Stack Overflow short-text titles, but for the wordpress category (a held-out source's product)
     assert trained["SVN merge merged extra stuff"] == trained["Excel detect inactivity"] == ["code"]
     assert by_name["so"]["read"] == 2 and "Add a custom field to the WordPress admin" not in trained
@@ -436,6 +444,17 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     assert by_name["clinc-short"]["kept"] == 3 and by_name["clinc150"]["kept"] == 1  # the 8-word one
     assert by_name["clinc150"]["dropped_unusable"] == 2  # "hi" and "ok" are fragments to a plain source
     assert by_name["clinc150"]["dropped_duplicate_across_sources"] == 1  # "no thanks", taken by clinc-short
+    # Yahoo! Answers titles by topic: quotes unescaped, Computers & Internet in neither source, Health medical
+    assert trained["Who won the 1984 Stanley Cup?"] == trained['What does "on the cusp" mean?'] == ["general"]
+    assert trained["how long does a cold last?"] == ["medical"] and "why is my computer so slow?" not in trained
+    assert by_name["ya"]["read"] == 3 and by_name["ya"]["dropped_ambiguous"] == 1  # "calories": a weak cue
+    assert by_name["ya-health"]["read"] == 1
+    bad_topic = bc._yahoo_topics({"Sports"})
+    yahoo_bad = [bc.Source("yb", "acme/prompts", commit, ["yahoo_bad.tsv"], bad_topic, "general", "-")]
+    with pytest.raises(bc.CorpusError, match=r"yahoo_bad\.tsv line 2: expected a title and a topic number 0-9"):
+        bc.build(tmp_path / "mirrors", yahoo_bad, handwritten=None)
+    with pytest.raises(bc.CorpusError, match=r"unknown Yahoo! Answers topics \['Sport'\]"):
+        bc._yahoo_topics({"Sport"})
     short = [bc.Source("s", "acme/prompts", commit, ["so_titles.txt", "so_short.txt"], bc._so_short_text, "code", "-")]
     with pytest.raises(bc.CorpusError, match=r"so_titles\.txt has 3 lines but so_short\.txt has 1"):
         bc.build(tmp_path / "mirrors", short, handwritten=None)
