@@ -361,6 +361,7 @@ def _fixture_mirror(root: Path) -> str:
     yahoo += ["How many calories does a marathon burn?\t5"]
     (repo / "yahoo.tsv").write_bytes(("\r\n".join(yahoo) + "\r\n").encode())
     (repo / "yahoo_bad.tsv").write_text("sentence\tlabel\nWho won?\t12\n")  # no topic 12
+    (repo / "yahoo_headless.tsv").write_text("Who won?\t5\n")  # no header: not the file the reader knows
     code = repo / "src" / "maths"
     code.mkdir(parents=True)
     area = 'def circle_area(r: float) -> float:\n    """Area of a circle.\n\n    >>> circle_area(0)\n    0\n    """\n'
@@ -453,6 +454,9 @@ def test_corpus_builder_is_deterministic_and_source_disjoint(tmp_path: Path) -> 
     yahoo_bad = [bc.Source("yb", "acme/prompts", commit, ["yahoo_bad.tsv"], bad_topic, "general", "-")]
     with pytest.raises(bc.CorpusError, match=r"yahoo_bad\.tsv line 2: expected a title and a topic number 0-9"):
         bc.build(tmp_path / "mirrors", yahoo_bad, handwritten=None)
+    headless = [bc.Source("yh", "acme/prompts", commit, ["yahoo_headless.tsv"], bad_topic, "general", "-")]
+    with pytest.raises(bc.CorpusError, match=r"yahoo_headless\.tsv: expected a 'sentence<TAB>label' header"):
+        bc.build(tmp_path / "mirrors", headless, handwritten=None)
     with pytest.raises(bc.CorpusError, match=r"unknown Yahoo! Answers topics \['Sport'\]"):
         bc._yahoo_topics({"Sport"})
     short = [bc.Source("s", "acme/prompts", commit, ["so_titles.txt", "so_short.txt"], bc._so_short_text, "code", "-")]
