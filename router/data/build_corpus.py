@@ -245,10 +245,11 @@ def _yahoo_topics(topics: set[str]) -> Reader:
             if next(rows, None) != ["sentence", "label"]:
                 raise CorpusError(f"{p}: expected a 'sentence<TAB>label' header")
             for row in rows:
-                if len(row) != 2 or not row[1].strip().isdigit() or int(row[1]) >= len(YAHOO_TOPICS):
+                topic = int(row[1]) if len(row) == 2 and row[1].strip().isdigit() else -1
+                if not 0 <= topic < len(YAHOO_TOPICS):
                     # line_num counts physical lines, so a quoted title that spans lines does not shift it
                     raise CorpusError(f"{p} line {rows.line_num}: expected a title and a topic number 0-9, got {row!r}")
-                if int(row[1]) in wanted:
+                if topic in wanted:
                     yield row[0]
 
     return read
@@ -350,6 +351,8 @@ MEDMCQA = [
 ]
 
 
+Y = "mingkaid/rl-prompt"  # ships Zhang et al.'s Yahoo! Answers test split; both Yahoo sources read one file
+Y_COMMIT = "30528c21e5eb6cbeefa3036d7c7e4ae7e98e597e"
 YAHOO_FILE = "examples/few-shot-classification/data/16-shot/yahoo/16-13/test.tsv"  # Zhang et al.'s 60,000 test titles
 # yahoo-answers: every topic but Health (read as yahoo-health, medical) and Computers & Internet (consumer
 # technology: "why isnt norton in my tool bar", neither programming nor what the other general pools hold)
@@ -649,8 +652,8 @@ SOURCES: list[Source] = [
     ),
     Source(
         "yahoo-answers",
-        "mingkaid/rl-prompt",
-        "30528c21e5eb6cbeefa3036d7c7e4ae7e98e597e",
+        Y,
+        Y_COMMIT,
         [YAHOO_FILE],
         _yahoo_topics(YAHOO_GENERAL),
         "relabel",  # item by item: a pregnancy question under Family or a virus under Science is medical
@@ -661,8 +664,8 @@ SOURCES: list[Source] = [
     ),
     Source(
         "yahoo-health",
-        "mingkaid/rl-prompt",
-        "30528c21e5eb6cbeefa3036d7c7e4ae7e98e597e",
+        Y,
+        Y_COMMIT,
         [YAHOO_FILE],
         _yahoo_topics({"Health"}),
         "medical",  # uncapped (5,890): measured with 3,000 next to yahoo-answers' 8,000 and all next to 16,000
