@@ -18,7 +18,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         val = read_jsonl(args.val) if args.val else None
         cfg = TrainConfig(
             kind=args.kind,
-            c=args.c,
+            **({"c": args.c} if args.c is not None else {}),
+            **({"nb_alpha": args.nb_alpha} if args.nb_alpha is not None else {}),
             source_power=args.source_power,
             epochs=args.epochs,
             lr=args.lr,
@@ -92,12 +93,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--out", required=True, help="artifact directory to write")
     tr.add_argument("--kind", choices=["linear", "fasttext"], default="linear", help="learner (router/train.py)")
-    tr.add_argument("--c", type=float, default=16.0, help="linear: inverse regularisation strength")
+    tr.add_argument(
+        "--c", type=float, default=None, help="linear: inverse regularisation strength (default: TrainConfig's)"
+    )
     tr.add_argument(
         "--source-power",
         type=float,
         default=0.0,
         help="linear: weigh each prompt by (its source's size) ** -POWER (0: every prompt alike)",
+    )
+    tr.add_argument(
+        "--nb-alpha",
+        type=float,
+        default=None,
+        metavar="A",
+        help="linear: Naive Bayes feature scaling with smoothing A (0: off) (default: TrainConfig's)",
     )
     tr.add_argument("--epochs", type=int, default=16)
     tr.add_argument("--lr", type=float, default=0.05)

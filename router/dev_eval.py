@@ -1,6 +1,6 @@
 """Source-disjoint dev score: leave whole training sources out (one per domain per fold), never the held-out ones.
 
-Run: nice -n 10 python -m router.dev_eval [--c 16] [--drop-sources a,b] [--drug-feature names]
+Run: nice -n 10 python -m router.dev_eval [--c 4] [--nb-alpha 1] [--drop-sources a,b] [--drug-feature names]
      [--disease-feature names] [--shapes] [--no-one-word] [--clean-pools 0.9] [--routed] [--folds 1,2]
      [--static-from DIR] [--static-scale 1]
 Every modelling choice is made on this score; the held-out sources (router/data/SOURCES.md) are read
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--drop-sources", default="", help="comma-separated sources never trained on")
     parser.add_argument("--multi-label-weight", type=float, default=TrainConfig.multi_label_weight)
     parser.add_argument("--source-power", type=float, default=TrainConfig.source_power)
+    parser.add_argument("--nb-alpha", type=float, default=TrainConfig.nb_alpha, help="NB feature scaling (0: off)")
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "none"])
     parser.add_argument("--drug-feature", default=TrainConfig.drug_feature, choices=DRUG_FEATURES)
     parser.add_argument("--disease-feature", default=TrainConfig.disease_feature, choices=DISEASE_FEATURES)
@@ -93,6 +94,7 @@ def main() -> None:
         shapes=args.shapes,
         one_word=not args.no_one_word,
         c=args.c,
+        nb_alpha=args.nb_alpha,
         class_weight=class_weight,
         multi_label_weight=args.multi_label_weight,
         source_power=args.source_power,

@@ -50,6 +50,10 @@ class TrainConfig:
     linear_buckets: int = 1 << 18  # linear: hash space; 3 domains x 2^18 x fp16 = 1.5 MB artifact
     multi_label_weight: float = 5.0  # linear: weight of a multi-domain prompt (rare, and what top_k > 1 is for)
     source_power: float = 0.0  # linear: prompt weight n_source ** -power (source_weights); 0 = all prompts alike
+    # linear: Naive Bayes feature scaling (NBSVM, Wang & Manning 2012): each domain's regression sees every
+    # n-gram value times the n-gram's log-count ratio for that domain, smoothed by this alpha (nb_ratio);
+    # 0 = off (the unscaled counts of rounds 1-13)
+    nb_alpha: float = 0.0
     # linear: static token embeddings next to the n-grams, from a causal LM checkpoint directory
     # (model.safetensors + tokenizer.json; its input embeddings, PCA-reduced) or from a router
     # artifact that already has them (its table and tokenizer are reused). "" = n-grams only.
@@ -140,14 +144,53 @@ def relabelled_sources() -> frozenset[str]:
     return frozenset(s.name for s in SOURCES if s.label == "relabel")
 
 
+def nb_ratio(x: sp.csr_matrix, positive: np.ndarray, alpha: float, n_hashed: int) -> np.ndarray:
+    """Per-column log-count ratio r = log((p / |p|_1) / (q / |q|_1)) of NBSVM (Wang & Manning 2012).
+
+    p and q count the positive and negative prompts that have each n-gram, plus alpha. An n-gram that
+    only one side uses gets a large |r|, one both sides use alike gets r near 0. Columns past the
+    n_hashed n-gram buckets (static embeddings) are continuous values, not counts: they keep r = 1.
+    """
+    present = x[:, :n_hashed].copy()
+    present.data[:] = 1.0  # binarised: does the prompt have the n-gram
+    pos = np.asarray(present[positive == 1].sum(axis=0)).ravel() + alpha
+    neg = np.asarray(present[positive == 0].sum(axis=0)).ravel() + alpha
+    r = np.ones(x.shape[1], dtype=np.float32)
+    r[:n_hashed] = np.log((pos / pos.sum()) / (neg / neg.sum()))
+    return r
+
+
+class ScaledLogistic:
+    """A logistic regression fitted on columns scaled by r; it scores unscaled rows, and coef_ is weights * r."""
+
+    def __init__(self, lr, r: np.ndarray) -> None:
+        self.lr, self.scale = lr, sp.diags(r)
+        self.coef_, self.intercept_ = lr.coef_ * r, lr.intercept_  # what the TinyAda artifact stores
+
+    def decision_function(self, x: sp.csr_matrix) -> np.ndarray:
+        return self.lr.decision_function(x @ self.scale)
+
+    def predict_proba(self, x: sp.csr_matrix) -> np.ndarray:
+        return self.lr.predict_proba(x @ self.scale)
+
+
 def fit_linear(x: sp.csr_matrix, y: np.ndarray, sample_weight: np.ndarray, cfg: TrainConfig) -> list:
-    """One liblinear logistic regression per label column (the linear learner and its cleaner share it)."""
+    """One liblinear logistic regression per label column (the linear learner and its cleaner share it).
+
+    With cfg.nb_alpha > 0 each column's regression is fitted on NB-scaled features (nb_ratio): the L2
+    prior then costs less for the n-grams that separate the domain and pulls the uninformative ones to
+    zero harder. The scaling folds into the weights, so serving is unchanged.
+    """
     from sklearn.linear_model import LogisticRegression  # import here: serving never needs scikit-learn
 
     fitted = []
     for j in range(y.shape[1]):
         lr = LogisticRegression(C=cfg.c, solver="liblinear", class_weight=cfg.class_weight, max_iter=300)
-        fitted.append(lr.fit(x, y[:, j], sample_weight=sample_weight))
+        if cfg.nb_alpha <= 0:
+            fitted.append(lr.fit(x, y[:, j], sample_weight=sample_weight))
+            continue
+        r = nb_ratio(x, y[:, j], cfg.nb_alpha, min(x.shape[1], cfg.linear_buckets))
+        fitted.append(ScaledLogistic(lr.fit(x @ sp.diags(r), y[:, j], sample_weight=sample_weight), r))
     return fitted
 
 
@@ -521,6 +564,10 @@ def train_router(
         raise DataError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.calibration!r}")
     if not 0.0 <= cfg.clean_pools < 1.0:
         raise DataError(f"clean_pools must be in [0, 1) (0: off), got {cfg.clean_pools!r}")
+    if not cfg.c > 0.0:  # written so that NaN is refused too
+        raise DataError(f"c must be > 0, got {cfg.c!r}")
+    if not cfg.nb_alpha >= 0.0:
+        raise DataError(f"nb_alpha must be >= 0 (0: off), got {cfg.nb_alpha!r}")
     if cfg.kind == "linear":
         return train_linear(train, val, cfg)
     if cfg.kind != "fasttext":

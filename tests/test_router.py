@@ -134,6 +134,10 @@ def test_cli_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert not TinyAda.load(tmp_path / "off").config.hashing.one_word
     with pytest.raises(SystemExit, match=r"clean_pools must be in \[0, 1\) \(0: off\), got 1.5"):
         main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--clean-pools", "1.5"])
+    with pytest.raises(SystemExit, match=r"nb_alpha must be >= 0 \(0: off\), got -1.0"):
+        main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--nb-alpha", "-1"])
+    with pytest.raises(SystemExit, match=r"c must be > 0, got 0.0"):
+        main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--c", "0"])
 
 
 # ---- the shipped router on real prompts (router/data/SOURCES.md)
@@ -304,6 +308,39 @@ def test_linear_model_save_load_and_pooling(tmp_path: Path) -> None:
     assert loaded.config.pooling == "l2" and loaded.config.thresholds == model.config.thresholds
     a, b2 = model.score("garage apple"), loaded.score("garage apple")
     assert all(abs(a[d] - b2[d]) < 2e-3 for d in a)
+
+
+def test_nb_scaling_ratio_and_folded_weights(tmp_path: Path) -> None:
+    import scipy.sparse as sp
+
+    from router.train import features, fit_linear, hashing_for, nb_ratio, sample_weights, targets
+
+    # known answer: 3 prompts x 3 n-gram columns (+ 1 static column), prompts 0-1 positive
+    x = sp.csr_matrix(np.array([[0.6, 0.8, 0, 5.0], [1.0, 0, 0, 2.0], [0, 0.6, 0.8, 7.0]], dtype=np.float32))
+    r = nb_ratio(x, np.array([1, 1, 0]), alpha=1.0, n_hashed=3)
+    pos, neg = np.array([2, 1, 0]) + 1.0, np.array([0, 1, 1]) + 1.0  # prompts with each n-gram, plus alpha
+    assert np.allclose(r[:3], np.log((pos / pos.sum()) / (neg / neg.sum())))
+    assert r[3] == 1.0  # a static-embedding column is a value, not a count: never scaled
+
+    # the scaling folds into the weights: the artifact scores raw prompts as the scaled regression does
+    cfg = TrainConfig(linear_buckets=1 << 12, drug_feature="off", disease_feature="off", nb_alpha=1.0)
+    texts, domains = [ex.text for ex in TOY], ["car", "fruit"]
+    xs, y = features(texts, hashing_for(cfg)), targets(TOY, domains).numpy()
+    fitted = fit_linear(xs, y, sample_weights(y, [""] * len(TOY), cfg), cfg)
+    probe = features(["apple pie car car", "garage banana"], hashing_for(cfg))
+    for lr in fitted:
+        logits = probe @ lr.coef_[0] + lr.intercept_[0]
+        assert np.allclose(lr.predict_proba(probe)[:, 1], 1 / (1 + np.exp(-logits)), atol=1e-6)
+    weights = sample_weights(y, [""] * len(TOY), cfg)
+    plain = fit_linear(xs, y, weights, TrainConfig(linear_buckets=1 << 12, nb_alpha=0.0))
+    assert not np.allclose(fitted[0].coef_, plain[0].coef_)  # the option changes the fit
+    model, _ = train_router(TOY, TOY, cfg, progress=False)
+    got = model.score("apple pie car car")
+    expected = [lr.predict_proba(probe[:1])[0, 1] for lr in fitted]
+    assert np.allclose([got[d] for d in domains], expected, atol=1e-5)
+    model.save(tmp_path / "nb")
+    loaded = TinyAda.load(tmp_path / "nb").score("apple pie car car")
+    assert all(abs(loaded[d] - got[d]) < 2e-3 for d in domains)  # the artifact stores fp16 weights
 
 
 def _git(repo: Path, *args: str) -> str:
