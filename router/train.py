@@ -45,15 +45,17 @@ class TrainConfig:
     """Training settings (defaults train the shipped router within a few minutes on 2 cores)."""
 
     kind: str = "linear"  # "linear" (scikit-learn logistic regression) or "fasttext" (PyTorch embedding bag)
-    c: float = 16.0  # linear: inverse L2 strength; hashed features are sparse, a weak prior fits them best
+    # linear: inverse L2 strength; 16 on unscaled counts (second round), 4 since NB scaling (fourteenth round,
+    # docs/router-data.md): the scaled features are larger, so the same prior is weaker on them
+    c: float = 4.0
     class_weight: str | None = "balanced"  # linear: reweight so each domain's positives weigh as much as its rest
     linear_buckets: int = 1 << 18  # linear: hash space; 3 domains x 2^18 x fp16 = 1.5 MB artifact
     multi_label_weight: float = 5.0  # linear: weight of a multi-domain prompt (rare, and what top_k > 1 is for)
     source_power: float = 0.0  # linear: prompt weight n_source ** -power (source_weights); 0 = all prompts alike
     # linear: Naive Bayes feature scaling (NBSVM, Wang & Manning 2012): each domain's regression sees every
     # n-gram value times the n-gram's log-count ratio for that domain, smoothed by this alpha (nb_ratio);
-    # 0 = off (the unscaled counts of rounds 1-13)
-    nb_alpha: float = 0.0
+    # 0 = off (the unscaled counts of rounds 1-13); 1 raised the source-disjoint dev score (fourteenth round)
+    nb_alpha: float = 1.0
     # linear: static token embeddings next to the n-grams, from a causal LM checkpoint directory
     # (model.safetensors + tokenizer.json; its input embeddings, PCA-reduced) or from a router
     # artifact that already has them (its table and tokenizer are reused). "" = n-grams only.
