@@ -30,8 +30,10 @@ from router.data import CORPUS_DIR, read_entries
 from router.train import (
     DISEASE_FEATURES,
     DRUG_FEATURES,
+    DataError,
     TrainConfig,
     calibrate,
+    check_config,
     confident_disagreements,
     features,
     fit_linear,
@@ -100,6 +102,10 @@ def main() -> None:
         source_power=args.source_power,
         clean_pools=args.clean_pools,
     )
+    try:
+        check_config(cfg)
+    except DataError as err:
+        raise SystemExit(f"dev_eval: error: {err}") from None
     folds = [FOLDS[int(k) - 1] for k in args.folds.split(",") if k] or FOLDS
     train = read_jsonl(args.corpus / "train.jsonl.gz")
     data, n_train = train + read_jsonl(args.corpus / "val.jsonl.gz"), len(train)  # rows >= n_train: val split

@@ -45,8 +45,8 @@ class TrainConfig:
     """Training settings (defaults train the shipped router within a few minutes on 2 cores)."""
 
     kind: str = "linear"  # "linear" (scikit-learn logistic regression) or "fasttext" (PyTorch embedding bag)
-    # linear: inverse L2 strength; 16 on unscaled counts (second round), 4 since NB scaling (fourteenth round,
-    # docs/router-data.md): the scaled features are larger, so the same prior is weaker on them
+    # linear: inverse L2 strength; 16 on unscaled counts (second round), 4 with NB scaling: chosen on the dev
+    # score among 16, 8 and 4 with NB (fourteenth round, docs/router-data.md)
     c: float = 4.0
     class_weight: str | None = "balanced"  # linear: reweight so each domain's positives weigh as much as its rest
     linear_buckets: int = 1 << 18  # linear: hash space; 3 domains x 2^18 x fp16 = 1.5 MB artifact
@@ -54,7 +54,8 @@ class TrainConfig:
     source_power: float = 0.0  # linear: prompt weight n_source ** -power (source_weights); 0 = all prompts alike
     # linear: Naive Bayes feature scaling (NBSVM, Wang & Manning 2012): each domain's regression sees every
     # n-gram value times the n-gram's log-count ratio for that domain, smoothed by this alpha (nb_ratio);
-    # 0 = off (the unscaled counts of rounds 1-13); 1 raised the source-disjoint dev score (fourteenth round)
+    # 0 = off; 1 raised the source-disjoint dev score (fourteenth round). The routers of rounds 1-13 are
+    # nb_alpha = 0 with c = 16 (both also set how the pool cleaner fits, for either learner)
     nb_alpha: float = 1.0
     # linear: static token embeddings next to the n-grams, from a causal LM checkpoint directory
     # (model.safetensors + tokenizer.json; its input embeddings, PCA-reduced) or from a router
@@ -153,7 +154,7 @@ def nb_ratio(x: sp.csr_matrix, positive: np.ndarray, alpha: float, n_hashed: int
     only one side uses gets a large |r|, one both sides use alike gets r near 0. Columns past the
     n_hashed n-gram buckets (static embeddings) are continuous values, not counts: they keep r = 1.
     """
-    present = x[:, :n_hashed].copy()
+    present = x[:, :n_hashed].copy()  # explicit: the caller's matrix must keep its values
     present.data[:] = 1.0  # binarised: does the prompt have the n-gram
     pos = np.asarray(present[positive == 1].sum(axis=0)).ravel() + alpha
     neg = np.asarray(present[positive == 0].sum(axis=0)).ravel() + alpha
@@ -554,6 +555,19 @@ def train_linear(
     return model, {"val_loss": val_loss, "train_seconds": seconds}
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse, by field name, settings no fit can use; before the fit, not after it (dev_eval calls it too)."""
+    if cfg.calibration not in CALIBRATIONS:
+        raise DataError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.calibration!r}")
+    if not 0.0 <= cfg.clean_pools < 1.0:
+        raise DataError(f"clean_pools must be in [0, 1) (0: off), got {cfg.clean_pools!r}")
+    # isfinite: liblinear refuses an infinite C, and an infinite alpha makes every NB ratio NaN
+    if not (np.isfinite(cfg.c) and cfg.c > 0.0):
+        raise DataError(f"c must be a finite number > 0, got {cfg.c!r}")
+    if not (np.isfinite(cfg.nb_alpha) and cfg.nb_alpha >= 0.0):
+        raise DataError(f"nb_alpha must be a finite number >= 0 (0: off), got {cfg.nb_alpha!r}")
+
+
 def train_router(
     train: list[Example],
     val: list[Example] | None = None,
@@ -562,14 +576,7 @@ def train_router(
 ) -> tuple[TinyAda, dict[str, float]]:
     """Fit a TinyAda; return it with its validation metrics. Domains are the sorted labels in the data."""
     cfg = config or TrainConfig()
-    if cfg.calibration not in CALIBRATIONS:  # before the fit, not after it
-        raise DataError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.calibration!r}")
-    if not 0.0 <= cfg.clean_pools < 1.0:
-        raise DataError(f"clean_pools must be in [0, 1) (0: off), got {cfg.clean_pools!r}")
-    if not cfg.c > 0.0:  # written so that NaN is refused too
-        raise DataError(f"c must be > 0, got {cfg.c!r}")
-    if not cfg.nb_alpha >= 0.0:
-        raise DataError(f"nb_alpha must be >= 0 (0: off), got {cfg.nb_alpha!r}")
+    check_config(cfg)
     if cfg.kind == "linear":
         return train_linear(train, val, cfg)
     if cfg.kind != "fasttext":

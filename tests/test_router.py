@@ -134,10 +134,12 @@ def test_cli_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert not TinyAda.load(tmp_path / "off").config.hashing.one_word
     with pytest.raises(SystemExit, match=r"clean_pools must be in \[0, 1\) \(0: off\), got 1.5"):
         main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--clean-pools", "1.5"])
-    with pytest.raises(SystemExit, match=r"nb_alpha must be >= 0 \(0: off\), got -1.0"):
-        main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--nb-alpha", "-1"])
-    with pytest.raises(SystemExit, match=r"c must be > 0, got 0.0"):
-        main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--c", "0"])
+    for value in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit, match=rf"nb_alpha must be a finite number >= 0 \(0: off\), got {value}"):
+            main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--nb-alpha", value])
+    for value in ("0", "-2", "nan", "inf"):
+        with pytest.raises(SystemExit, match=rf"c must be a finite number > 0, got {value}"):
+            main(["router", "train", "--data", str(data), "--out", str(tmp_path / "bad"), "--c", value])
 
 
 # ---- the shipped router on real prompts (router/data/SOURCES.md)
@@ -323,17 +325,31 @@ def test_nb_scaling_ratio_and_folded_weights(tmp_path: Path) -> None:
     assert r[3] == 1.0  # a static-embedding column is a value, not a count: never scaled
 
     # the scaling folds into the weights: the artifact scores raw prompts as the scaled regression does
+    from sklearn.linear_model import LogisticRegression
+
     cfg = TrainConfig(linear_buckets=1 << 12, drug_feature="off", disease_feature="off", nb_alpha=1.0)
     texts, domains = [ex.text for ex in TOY], ["car", "fruit"]
     xs, y = features(texts, hashing_for(cfg)), targets(TOY, domains).numpy()
-    fitted = fit_linear(xs, y, sample_weights(y, [""] * len(TOY), cfg), cfg)
+    weights = sample_weights(y, [""] * len(TOY), cfg)
+    fitted = fit_linear(xs, y, weights, cfg)
     probe = features(["apple pie car car", "garage banana"], hashing_for(cfg))
-    for lr in fitted:
+    for j, lr in enumerate(fitted):
         logits = probe @ lr.coef_[0] + lr.intercept_[0]
         assert np.allclose(lr.predict_proba(probe)[:, 1], 1 / (1 + np.exp(-logits)), atol=1e-6)
-    weights = sample_weights(y, [""] * len(TOY), cfg)
+        # reference: scikit-learn fitted by hand on the columns times the known-answer-checked ratio
+        r_ref = sp.diags(nb_ratio(xs, y[:, j], 1.0, xs.shape[1]))
+        ref = LogisticRegression(C=cfg.c, solver="liblinear", class_weight="balanced", max_iter=300)
+        ref.fit(xs @ r_ref, y[:, j], sample_weight=weights)
+        assert np.allclose(lr.predict_proba(probe), ref.predict_proba(probe @ r_ref), atol=1e-6)
     plain = fit_linear(xs, y, weights, TrainConfig(linear_buckets=1 << 12, nb_alpha=0.0))
     assert not np.allclose(fitted[0].coef_, plain[0].coef_)  # the option changes the fit
+    # on the training path too, a static-embedding column past the n-gram buckets is fitted unscaled
+    static = sp.csr_matrix(np.linspace(-1, 1, len(TOY), dtype=np.float32)[:, None])
+    with_static = fit_linear(sp.hstack([xs, static]).tocsr(), y, weights, cfg)[0]
+    r_ref = sp.diags(np.append(nb_ratio(xs, y[:, 0], 1.0, xs.shape[1]), 1.0))
+    ref = LogisticRegression(C=cfg.c, solver="liblinear", class_weight="balanced", max_iter=300)
+    ref.fit(sp.hstack([xs, static]).tocsr() @ r_ref, y[:, 0], sample_weight=weights)
+    assert np.allclose(with_static.coef_, ref.coef_ * r_ref.diagonal(), atol=1e-6)
     model, _ = train_router(TOY, TOY, cfg, progress=False)
     got = model.score("apple pie car car")
     expected = [lr.predict_proba(probe[:1])[0, 1] for lr in fitted]
@@ -950,3 +966,7 @@ def test_dev_eval_routed_matches_the_trained_router(
         routed_acc = np.mean([r == ex.labels[0] for r, ex in zip(routed, rows, strict=True)])
         assert printed[source] == (round(argmax_acc, 3), round(routed_acc, 3)), (source, printed)
     assert "mean routed accuracy over all 3 left-out sources" in out
+    # a setting no fit can use is refused by name before the corpus is read, as the train command does
+    monkeypatch.setattr("sys.argv", [*argv, "--nb-alpha", "-1"])
+    with pytest.raises(SystemExit, match=r"dev_eval: error: nb_alpha must be a finite number >= 0"):
+        dev_eval.main()
