@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--drop-sources", default="", help="comma-separated sources never trained on")
     parser.add_argument("--multi-label-weight", type=float, default=TrainConfig.multi_label_weight)
     parser.add_argument("--source-power", type=float, default=TrainConfig.source_power)
+    parser.add_argument(
+        "--buckets", type=int, default=TrainConfig.linear_buckets, help="hash space of the n-gram features"
+    )
     parser.add_argument("--nb-alpha", type=float, default=TrainConfig.nb_alpha, help="NB feature scaling (0: off)")
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "none"])
     parser.add_argument("--drug-feature", default=TrainConfig.drug_feature, choices=DRUG_FEATURES)
@@ -97,6 +100,7 @@ def main() -> None:
         one_word=not args.no_one_word,
         c=args.c,
         nb_alpha=args.nb_alpha,
+        linear_buckets=args.buckets,
         class_weight=class_weight,
         multi_label_weight=args.multi_label_weight,
         source_power=args.source_power,

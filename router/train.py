@@ -566,6 +566,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise DataError(f"c must be a finite number > 0, got {cfg.c!r}")
     if not (np.isfinite(cfg.nb_alpha) and cfg.nb_alpha >= 0.0):
         raise DataError(f"nb_alpha must be a finite number >= 0 (0: off), got {cfg.nb_alpha!r}")
+    if cfg.linear_buckets < 1:
+        raise DataError(f"linear_buckets must be >= 1, got {cfg.linear_buckets!r}")
 
 
 def train_router(

@@ -970,3 +970,6 @@ def test_dev_eval_routed_matches_the_trained_router(
     monkeypatch.setattr("sys.argv", [*argv, "--nb-alpha", "-1"])
     with pytest.raises(SystemExit, match=r"dev_eval: error: nb_alpha must be a finite number >= 0"):
         dev_eval.main()
+    monkeypatch.setattr("sys.argv", [*argv, "--buckets", "0"])
+    with pytest.raises(SystemExit, match=r"dev_eval: error: linear_buckets must be >= 1, got 0"):
+        dev_eval.main()
