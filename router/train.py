@@ -147,28 +147,46 @@ def relabelled_sources() -> frozenset[str]:
     return frozenset(s.name for s in SOURCES if s.label == "relabel")
 
 
-def nb_ratio(x: sp.csr_matrix, positive: np.ndarray, alpha: float, n_hashed: int) -> np.ndarray:
-    """Per-column log-count ratio r = log((p / |p|_1) / (q / |q|_1)) of NBSVM (Wang & Manning 2012).
+def nb_ratios(x: sp.csr_matrix, y: np.ndarray, alpha: float, n_hashed: int) -> np.ndarray:
+    """(label columns, x columns) log-count ratios r = log((p / |p|_1) / (q / |q|_1)) of NBSVM (Wang & Manning 2012).
 
-    p and q count the positive and negative prompts that have each n-gram, plus alpha. An n-gram that
-    only one side uses gets a large |r|, one both sides use alike gets r near 0. Columns past the
-    n_hashed n-gram buckets (static embeddings) are continuous values, not counts: they keep r = 1.
+    p and q count the positive and negative prompts of a label that have each n-gram, plus alpha. An
+    n-gram that only one side uses gets a large |r|, one both sides use alike gets r near 0. Columns past
+    the n_hashed n-gram buckets (static embeddings) are continuous values, not counts: they keep r = 1.
+    Presence is binarised once for every label (the matrix is the whole corpus).
     """
     present = x[:, :n_hashed].copy()  # explicit: the caller's matrix must keep its values
     present.data[:] = 1.0  # binarised: does the prompt have the n-gram
-    pos = np.asarray(present[positive == 1].sum(axis=0)).ravel() + alpha
-    neg = np.asarray(present[positive == 0].sum(axis=0)).ravel() + alpha
-    r = np.ones(x.shape[1], dtype=np.float32)
-    r[:n_hashed] = np.log((pos / pos.sum()) / (neg / neg.sum()))
+    pos = np.ascontiguousarray(np.asarray(present.T @ y, dtype=np.float32).T)  # exact: integer counts below 2^24
+    neg = np.asarray(present.sum(axis=0), dtype=np.float32) - pos
+    pos, neg = pos + np.float32(alpha), neg + np.float32(alpha)
+    r = np.ones((y.shape[1], x.shape[1]), dtype=np.float32)
+    r[:, :n_hashed] = np.log((pos / pos.sum(axis=1, keepdims=True)) / (neg / neg.sum(axis=1, keepdims=True)))
     return r
+
+
+def nb_ratio(x: sp.csr_matrix, positive: np.ndarray, alpha: float, n_hashed: int) -> np.ndarray:
+    """nb_ratios for one label column (positive: 1 for its prompts, 0 for the rest)."""
+    return nb_ratios(x, np.asarray(positive, dtype=np.float32)[:, None], alpha, n_hashed)[0]
 
 
 class ScaledLogistic:
     """A logistic regression fitted on columns scaled by r; it scores unscaled rows, and coef_ is weights * r."""
 
     def __init__(self, lr, r: np.ndarray) -> None:
-        self.lr, self.scale = lr, sp.diags(r)
-        self.coef_, self.intercept_ = lr.coef_ * r, lr.intercept_  # what the TinyAda artifact stores
+        self.lr, self.r, self.scale = lr, r, sp.diags(r)
+
+    def fit(self, x: sp.csr_matrix, y: np.ndarray, sample_weight: np.ndarray) -> ScaledLogistic:
+        self.lr.fit(x @ self.scale, y, sample_weight=sample_weight)
+        return self
+
+    @property
+    def coef_(self) -> np.ndarray:
+        return self.lr.coef_ * self.r  # what the TinyAda artifact stores
+
+    @property
+    def intercept_(self) -> np.ndarray:
+        return self.lr.intercept_
 
     def decision_function(self, x: sp.csr_matrix) -> np.ndarray:
         return self.lr.decision_function(x @ self.scale)
@@ -180,21 +198,19 @@ class ScaledLogistic:
 def fit_linear(x: sp.csr_matrix, y: np.ndarray, sample_weight: np.ndarray, cfg: TrainConfig) -> list:
     """One liblinear logistic regression per label column (the linear learner and its cleaner share it).
 
-    With cfg.nb_alpha > 0 each column's regression is fitted on NB-scaled features (nb_ratio): the L2
+    With cfg.nb_alpha > 0 each column's regression is fitted on NB-scaled features (nb_ratios): the L2
     prior then costs less for the n-grams that separate the domain and pulls the uninformative ones to
     zero harder. The scaling folds into the weights, so serving is unchanged.
     """
     from sklearn.linear_model import LogisticRegression  # import here: serving never needs scikit-learn
 
-    fitted = []
-    for j in range(y.shape[1]):
-        lr = LogisticRegression(C=cfg.c, solver="liblinear", class_weight=cfg.class_weight, max_iter=300)
-        if cfg.nb_alpha <= 0:
-            fitted.append(lr.fit(x, y[:, j], sample_weight=sample_weight))
-            continue
-        r = nb_ratio(x, y[:, j], cfg.nb_alpha, min(x.shape[1], cfg.linear_buckets))
-        fitted.append(ScaledLogistic(lr.fit(x @ sp.diags(r), y[:, j], sample_weight=sample_weight), r))
-    return fitted
+    def new() -> LogisticRegression:
+        return LogisticRegression(C=cfg.c, solver="liblinear", class_weight=cfg.class_weight, max_iter=300)
+
+    if cfg.nb_alpha <= 0:
+        return [new().fit(x, y[:, j], sample_weight=sample_weight) for j in range(y.shape[1])]
+    ratios = nb_ratios(x, y, cfg.nb_alpha, min(x.shape[1], cfg.linear_buckets))
+    return [ScaledLogistic(new(), r).fit(x, y[:, j], sample_weight) for j, r in enumerate(ratios)]
 
 
 def confident_disagreements(
