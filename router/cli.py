@@ -16,10 +16,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.val is None and args.data == [str(CORPUS_DIR / "train.jsonl.gz")]:
             args.val = str(CORPUS_DIR / "val.jsonl.gz")
         val = read_jsonl(args.val) if args.val else None
+        # options whose CLI default is None leave TrainConfig's own default in place
+        optional = {
+            "c": args.c,
+            "nb_alpha": args.nb_alpha,
+            "disease_feature": args.disease_feature,
+            "calibration": args.calibration,
+            "clean_pools": args.clean_pools,
+        }
         cfg = TrainConfig(
             kind=args.kind,
-            **({"c": args.c} if args.c is not None else {}),
-            **({"nb_alpha": args.nb_alpha} if args.nb_alpha is not None else {}),
+            **{name: value for name, value in optional.items() if value is not None},
             source_power=args.source_power,
             epochs=args.epochs,
             lr=args.lr,
@@ -28,10 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             static_from=args.static_from,
             static_dim=args.static_dim,
             drug_feature=args.drug_feature,
-            **({"disease_feature": args.disease_feature} if args.disease_feature else {}),
-            **({"calibration": args.calibration} if args.calibration else {}),
             one_word=not args.no_one_word,
-            **({"clean_pools": args.clean_pools} if args.clean_pools is not None else {}),
         )
         model, info = train_router(train, val, cfg, progress=True)
     except DataError as err:
