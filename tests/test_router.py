@@ -714,6 +714,25 @@ def _fixture_ontology(root: Path) -> str:
     return _git(repo, "rev-parse", "HEAD")
 
 
+def test_tweac_sources_read_only_their_allow_listed_sites() -> None:
+    """TWEAC's folder holds the held-out Stack Exchange sites too; the builder must never read them."""
+    from router.data import build_corpus as bc
+
+    tweac = [s for s in bc.SOURCES if s.repo == bc.TWEAC]
+    assert sorted(s.name for s in tweac) == ["tweac-code", "tweac-health", "tweac-hobby"]
+    site_lists = [{p.rsplit("/", 1)[1].removesuffix(".txt") for p in s.paths} for s in tweac]
+    sites = set().union(*site_lists)
+    assert sum(map(len, site_lists)) == len(sites)  # no site in two sources (two labels)
+    assert all(len(s.paths) == 3 * len(names) for s, names in zip(tweac, site_lists, strict=True))  # 3 splits
+    assert "data/stackexchange/dev/stackoverflow.com.txt" in bc._tweac(bc.TWEAC_CODE)
+    heldout = {"gaming", "wordpress"}  # cqa-gaming and cqa-wordpress are held-out sources
+    # the dev folds' and other CQADupStack sources: a fold would score prompts of a site it trained on
+    cqadupstack = {"english", "physics", "programmers", "softwareengineering", "unix", "webmasters", "tex"}
+    cqadupstack |= {"mathematica", "android", "gis", "stats", "cooking", "askubuntu", "serverfault"}
+    hosts = {s.removesuffix(".stackexchange.com").removesuffix(".com") for s in sites}
+    assert not hosts & (heldout | cqadupstack), hosts & (heldout | cqadupstack)
+
+
 def test_disease_lexicon_builder_is_deterministic_and_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from router.data import build_diseases as bd
 

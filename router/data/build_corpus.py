@@ -367,6 +367,32 @@ def _cqa(site: str) -> str:
     return f"topics/topics.beir-v1.0.0-cqadupstack-{site}.test.tsv.gz"
 
 
+TWEAC = "UKPLab/TWEAC-qa-agent-selection"  # question titles of 171 Stack Exchange sites, one per line
+TWEAC_COMMIT = "ed4f0cafa87aefd4820cca0d7f4881d2de99a9f0"
+TWEAC_LICENCE = "Stack Exchange titles: CC BY-SA (repo LICENSE: MIT, for its code; the README names no data licence)"
+# General: sites whose questions are neither programming nor health. Left out: photo (editing software),
+# fitness and cognitive science (health), mathematics, language-learning sites, every technical site.
+TWEAC_HOBBY = (
+    "academia", "anime", "astronomy", "aviation", "beer", "bicycles", "biology", "boardgames", "bricks",
+    "buddhism", "chemistry", "chess", "christianity", "coffee", "crafts", "diy", "earthscience", "economics",
+    "expatriates", "gardening", "genealogy", "hermeneutics", "hinduism", "history", "homebrew", "hsm",
+    "interpersonal", "islam", "judaism", "law", "lifehacks", "literature", "martialarts", "money", "movies",
+    "music", "musicfans", "mythology", "outdoors", "parenting", "pets", "philosophy", "poker", "politics",
+    "puzzling", "rpg", "scifi", "skeptics", "space", "sports", "sustainability", "travel", "vegetarianism",
+    "woodworking", "workplace", "worldbuilding", "writers",
+)  # fmt: skip
+TWEAC_CODE = (
+    "stackoverflow.com", "codereview", "dba", "devops", "drupal", "joomla", "magento", "sharepoint", "salesforce",
+    "sitecore", "craftcms", "expressionengine", "civicrm", "tridion", "emacs", "vi", "gamedev", "sqa",
+)  # fmt: skip
+
+
+def _tweac(sites: tuple[str, ...]) -> list[str]:
+    """The train, dev and test title files of the named sites ("stackoverflow.com" is a site's full host name)."""
+    hosts = [s if s.endswith(".com") else f"{s}.stackexchange.com" for s in sites]
+    return [f"data/stackexchange/{split}/{host}.txt" for split in ("train", "dev", "test") for host in hosts]
+
+
 SOURCES: list[Source] = [
     # ---- medical
     Source(
@@ -863,6 +889,41 @@ SOURCES: list[Source] = [
         "non-commercial research only (repo LICENSE)",
         heldout=True,
         notes="user-written ChatGPT instructions (Twitter, cookup.ai, prompts.chat): evaluation only",
+    ),
+    # ---- fifteenth round: titles of other Stack Exchange sites (docs/router-data.md). TWEAC's data folder holds
+    # 171 sites, gaming and wordpress among them: only the sites named below are ever read (allow-lists).
+    Source(
+        "tweac-hobby",
+        TWEAC,
+        TWEAC_COMMIT,
+        _tweac(TWEAC_HOBBY),
+        _lines,
+        "general-screened",
+        TWEAC_LICENCE,
+        cap=32000,  # chosen on the dev score over 8,000, 16,000 and 64,000 (docs/router-data.md, fifteenth round)
+        notes="hobby, travel, money, law, history, religion and science titles in Stack Exchange's register",
+    ),
+    Source(
+        "tweac-code",
+        TWEAC,
+        TWEAC_COMMIT,
+        _tweac(TWEAC_CODE),
+        _lines,
+        "code",
+        TWEAC_LICENCE,
+        cap=32000,  # chosen on the dev score over 6,000, 16,000 and 64,000 (docs/router-data.md, fifteenth round)
+        notes="Stack Overflow, databases, code review, editors and web-platform (CMS) titles; the sites "
+        "close to the dev sources (Ask Ubuntu, Server Fault, Software Engineering) are left out",
+    ),
+    Source(
+        "tweac-health",
+        TWEAC,
+        TWEAC_COMMIT,
+        _tweac(("health",)),
+        _lines,
+        "medical",
+        TWEAC_LICENCE,
+        notes="Health Stack Exchange: consumer health questions in the same title register",
     ),
 ]
 
