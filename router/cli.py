@@ -98,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--out", required=True, help="artifact directory to write")
     tr.add_argument("--kind", choices=["linear", "fasttext"], default="linear", help="learner (router/train.py)")
     tr.add_argument(
-        "--c", type=float, default=None, help="linear: inverse regularisation strength (default: TrainConfig's, 4)"
+        "--c", type=float, default=None, help="linear: inverse regularisation strength (default: TrainConfig's)"
     )
     tr.add_argument(
         "--source-power",
@@ -112,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="A",
         help="linear: Naive Bayes feature scaling with smoothing A (0: off; the routers before the fourteenth "
-        "round are --nb-alpha 0 --c 16) (default: TrainConfig's, 1)",
+        "round are --nb-alpha 0 --c 16) (default: TrainConfig's)",
     )
     tr.add_argument("--epochs", type=int, default=16)
     tr.add_argument("--lr", type=float, default=0.05)

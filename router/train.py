@@ -53,7 +53,7 @@ class TrainConfig:
     multi_label_weight: float = 5.0  # linear: weight of a multi-domain prompt (rare, and what top_k > 1 is for)
     source_power: float = 0.0  # linear: prompt weight n_source ** -power (source_weights); 0 = all prompts alike
     # linear: Naive Bayes feature scaling (NBSVM, Wang & Manning 2012): each domain's regression sees every
-    # n-gram value times the n-gram's log-count ratio for that domain, smoothed by this alpha (nb_ratio);
+    # n-gram value times the n-gram's log-count ratio for that domain, smoothed by this alpha (nb_ratios);
     # 0 = off; 1 raised the source-disjoint dev score (fourteenth round). The routers of rounds 1-13 are
     # nb_alpha = 0 with c = 16 (both also set how the pool cleaner fits, for either learner)
     nb_alpha: float = 1.0
@@ -163,11 +163,6 @@ def nb_ratios(x: sp.csr_matrix, y: np.ndarray, alpha: float, n_hashed: int) -> n
     r = np.ones((y.shape[1], x.shape[1]), dtype=np.float32)
     r[:, :n_hashed] = np.log((pos / pos.sum(axis=1, keepdims=True)) / (neg / neg.sum(axis=1, keepdims=True)))
     return r
-
-
-def nb_ratio(x: sp.csr_matrix, positive: np.ndarray, alpha: float, n_hashed: int) -> np.ndarray:
-    """nb_ratios for one label column (positive: 1 for its prompts, 0 for the rest)."""
-    return nb_ratios(x, np.asarray(positive, dtype=np.float32)[:, None], alpha, n_hashed)[0]
 
 
 class ScaledLogistic:

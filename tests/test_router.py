@@ -315,7 +315,11 @@ def test_linear_model_save_load_and_pooling(tmp_path: Path) -> None:
 def test_nb_scaling_ratio_and_folded_weights(tmp_path: Path) -> None:
     import scipy.sparse as sp
 
-    from router.train import features, fit_linear, hashing_for, nb_ratio, sample_weights, targets
+    from router.train import features, fit_linear, hashing_for, nb_ratios, sample_weights, targets
+
+    def nb_ratio(x: sp.csr_matrix, positive: np.ndarray, alpha: float, n_hashed: int) -> np.ndarray:
+        """nb_ratios for one label column (positive: 1 for its prompts, 0 for the rest)."""
+        return nb_ratios(x, np.asarray(positive, dtype=np.float32)[:, None], alpha, n_hashed)[0]
 
     # known answer: 3 prompts x 3 n-gram columns (+ 1 static column), prompts 0-1 positive
     x = sp.csr_matrix(np.array([[0.6, 0.8, 0, 5.0], [1.0, 0, 0, 2.0], [0, 0.6, 0.8, 7.0]], dtype=np.float32))
