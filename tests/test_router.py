@@ -730,7 +730,8 @@ def test_tweac_sources_read_only_their_allow_listed_sites() -> None:
     assert all(len(s.paths) == 3 * len(names) for s, names in zip(tweac, site_lists, strict=True))  # 3 splits
     assert "data/stackexchange/dev/stackoverflow.com.txt" in bc._tweac(bc.TWEAC_CODE)
     heldout = {"gaming", "wordpress"}  # cqa-gaming and cqa-wordpress are held-out sources
-    # the dev folds' and other CQADupStack sources: a fold would score prompts of a site it trained on
+    # CQADupStack sites (the dev folds' among them) and cooking, which another source reads: a fold would
+    # score prompts of a site it trained on, or a site would be read twice
     cqadupstack = {"english", "physics", "programmers", "softwareengineering", "unix", "webmasters", "tex"}
     cqadupstack |= {"mathematica", "android", "gis", "stats", "cooking", "askubuntu", "serverfault"}
     hosts = {s.removesuffix(".stackexchange.com").removesuffix(".com") for s in sites}
