@@ -738,6 +738,44 @@ def test_tweac_sources_read_only_their_allow_listed_sites() -> None:
     assert not hosts & (heldout | cqadupstack), hosts & (heldout | cqadupstack)
 
 
+def test_chat_prompt_sources_label_by_category_and_topic_cluster() -> None:
+    """The seventeenth round's chat sources: a category or a topic cluster's name gives the domain."""
+    from router.data import build_corpus as bc
+
+    # a JSON-lines field filtered by category; a list field (MT-bench's turns) gives its first turn only
+    lines = [
+        {"category": "writing", "turns": ["Write a poem about rain.", "Now make it rhyme."]},
+        {"category": "coding", "turns": ["Write a Python function that reverses a list."]},
+        {"category": "writing", "prompt": "no turns here"},
+    ]
+    data = "\n".join(json.dumps(r) for r in lines).encode()
+    read = bc._jsonl_field("turns", category=("writing", "roleplay"))
+    assert list(read(lambda path: data, ["q.jsonl"])) == ["Write a poem about rain."]
+    # the Vicuna questions next to MT-bench's are an evaluation set: never read
+    fastchat = [p for s in bc.SOURCES if s.repo == "lm-sys/FastChat" for p in s.paths]
+    assert fastchat and all(p.endswith("mt_bench/question.jsonl") for p in fastchat)
+    domains = {
+        "Python Coding Challenges": "code",
+        "Rust programming language": "code",
+        "SQL Query Troubleshooting": "code",
+        "Cryptography and Decoding": "general",  # puzzles: "decoding" is not "coding"
+        "Creative Writing Prompts": "general",
+        "Video Game Recommendations and Discussions": "general",
+        "Medication and Health Queries": "medical",
+        "Vision and Eye Health": "medical",
+        "Sleep Habits and Optimization": None,  # health or lifestyle: neither label is safe
+        "Healthcare Strategy and Communication": None,
+        "Prompt Engineering and Optimization": None,
+        "Excel Formulas and VBA Programming": None,  # the keyword rules call spreadsheets ambiguous too
+    }
+    assert {name: bc.arena_topic_domain(name) for name in domains} == domains
+    clusters = [{"name": "Python Coding Challenges", "examples": ["fix my loop"]}]
+    clusters.append({"name": "Sleep Habits and Optimization", "examples": ["how long should I nap"]})
+    blob = json.dumps(clusters).encode()
+    assert list(bc._arena_topics("code")(lambda path: blob, ["e.json"])) == ["fix my loop"]
+    assert list(bc._arena_topics("general")(lambda path: blob, ["e.json"])) == []
+
+
 def test_disease_lexicon_builder_is_deterministic_and_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from router.data import build_diseases as bd
 
@@ -932,6 +970,17 @@ def test_clean_pools_drops_only_disputed_items_of_relabelled_pools() -> None:
     ft_kept, _ = train_router(rows, val, dataclasses.replace(ft, clean_pools=0.0), progress=False)
     text = "apple banana fruit salad bowl"
     assert ft_cleaned.score(text) == ft_reference.score(text) != ft_kept.score(text)
+
+
+def test_dev_folds_leave_out_training_sources_only_once() -> None:
+    """Every dev fold names training sources of the builder (never a held-out one), each in one fold only."""
+    from router import dev_eval
+    from router.data import build_corpus as bc
+
+    training = {s.name for s in bc.SOURCES if not s.heldout}
+    named = [s for fold in dev_eval.FOLDS for s in fold]
+    assert len(named) == len(set(named)) and set(named) <= training, set(named) - training
+    assert [len(fold) for _, _, fold in dev_eval.SUMMARIES] == [4, 5, 1]  # folds 1-4, 1-5, the chat fold
 
 
 def test_dev_eval_routed_matches_the_trained_router(

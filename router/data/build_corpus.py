@@ -85,14 +85,24 @@ def _loads_lenient(line: str) -> dict:
         return {}
 
 
-def _jsonl_field(key: str) -> Reader:
+def _jsonl_field(key: str, **where: tuple[str, ...]) -> Reader:
+    """Field `key` of every JSON line whose fields take one of the `where` values (e.g. category=("math",)).
+
+    A list-valued field (MT-bench's "turns") gives its first item: later turns are follow-ups
+    ("Now rewrite it as a limerick") that only make sense after the first.
+    """
+
     def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
         for p in paths:
             for line in get(p).decode("utf-8").splitlines():
                 if line.strip():
                     row = _loads_lenient(line)
-                    if isinstance(row.get(key), str):
-                        yield row[key]
+                    if not all(row.get(k) in v for k, v in where.items()):
+                        continue
+                    value = row.get(key)
+                    value = value[0] if isinstance(value, list) and value else value
+                    if isinstance(value, str):
+                        yield value
 
     return read
 
@@ -387,6 +397,77 @@ TWEAC_CODE = (
     "stackoverflow.com", "codereview", "dba", "devops", "drupal", "joomla", "magento", "sharepoint", "salesforce",
     "sitecore", "craftcms", "expressionengine", "civicrm", "tridion", "emacs", "vi", "gamedev", "sqa",
 )  # fmt: skip
+
+
+ARENA_CATALOG = "lmarena/arena-catalog"
+# Two snapshots of the explorer: December 2024's clustering, and January 2025's three others (by then the
+# first file had grown past what a fetched snapshot holds); sources of the second carry a "-later" suffix.
+ARENA_CATALOG_FILES = {
+    "4620b8e81ff67eadaabf8e512b48ddddbe8ac585": ["explorer/data/examples.json"],
+    "0155dff6e63e14d75ea0c470cd7232187c791526": [
+        "explorer/data3/examples.json",
+        "explorer/embedding_ablation/mpnet/examples.json",
+        "explorer/embedding_ablation/openai/examples.json",
+    ],
+}
+ARENA = "lmarena/arena-hard-auto"  # hard prompts that Chatbot Arena users wrote, chosen by LMArena's BenchBuilder
+ARENA_COMMIT = "196f6b826783b3da7310e361a805fa36f0be83f3"
+ARENA_LICENCE = "Apache-2.0 (repo LICENSE); prompts written by Chatbot Arena users"
+MT_BENCH_GENERAL = ("writing", "roleplay", "reasoning", "math", "extraction", "stem", "humanities")
+
+
+# Chatbot Arena's topic explorer (lmarena/arena-catalog): real user prompts, up to 20 per topic cluster, each
+# cluster named by LMArena's topic model. A code or medical cluster's name gives its prompts their domain,
+# as a Stack Exchange site does for its titles; the prompts of the other clusters are labelled one by one
+# (relabel.py), as Dolly's are: chat prompts under "Creative Writing" still ask for code now and then, and
+# the source-labelled variant (general-screened) scored lower routed on the dev folds (seventeenth round).
+# A name the skip rule matches (health or technology at large, prompts about prompts) drops its cluster.
+ARENA_TOPIC_RULES = {
+    "skip": re.compile(
+        r"excel|computer hardware|computer troubleshooting|operating systems|mobile technology|cyber|hacking|"
+        r"\bllms?\b|prompt (?:engineering|optimization|categorization|instructions)|prompting|image generation|"
+        r"text-to-image|\bai\b|information systems|unethical|unrestricted|illicit|explosive|fetish|healthcare|"
+        r"social issues and health|gender roles|sleep|fitness|workout|skincare|nonsens|response strategies",
+        re.IGNORECASE,
+    ),
+    "medical": re.compile(
+        r"medical|medication|mental health|eye health|myopia|orthopedic|surger|spermatogenesis|testicular",
+        re.IGNORECASE,
+    ),
+    "code": re.compile(
+        r"programming|\bcode\b|\bcoding\b|python|java|html|\bcss\b|\bsql\b|rust|golang|\bgo\b|c\+\+|\br\b|"
+        r"pytorch|tensor|dataframe|pandas|pyspark|regex|regular expressions|bash|linux|\bgit|docker|"
+        r"container|web (?:development|scraping|server)|backend|app development|ui design and development|"
+        r"spring boot|tkinter|flutter|react|\bqt\b|json|svg|shader|latex|pine script|scripting|scripts|"
+        r"embedded systems|software installation|package management|algorithm|game development|game modding|"
+        r"text processing|text editor|data visualization|image processing|video processing|ffmpeg|aws|"
+        r"cloud infrastructure|network|scientific computing|machine learning|neural networks|deep learning|"
+        r"markdown|api development|automation",
+        re.IGNORECASE,
+    ),
+}
+
+
+def arena_topic_domain(name: str) -> str | None:
+    """The domain a Chatbot Arena topic cluster's prompts get from its name: skip rules first, then medical, code."""
+    if ARENA_TOPIC_RULES["skip"].search(name):
+        return None
+    for domain in ("medical", "code"):
+        if ARENA_TOPIC_RULES[domain].search(name):
+            return domain
+    return "general"
+
+
+def _arena_topics(domain: str) -> Reader:
+    """The example prompts of every topic cluster whose name arena_topic_domain() gives `domain`."""
+
+    def read(get: Callable[[str], bytes], paths: list[str]) -> Iterator[str]:
+        for p in paths:
+            for cluster in json.loads(get(p)):
+                if arena_topic_domain(cluster["name"]) == domain:
+                    yield from (e for e in cluster["examples"] if isinstance(e, str))
+
+    return read
 
 
 def _tweac(sites: tuple[str, ...]) -> list[str]:
@@ -926,6 +1007,73 @@ SOURCES: list[Source] = [
         "medical",
         TWEAC_LICENCE,
         notes="Health Stack Exchange: consumer health questions in the same title register",
+    ),
+    # ---- added in the seventeenth round: open-ended chat instructions (docs/router-data.md)
+    Source(
+        "ifeval",
+        "ShotaSato0916/google-research-IFEval",
+        "cd938816c8cf746207b9c60c303b0eacf45f506c",
+        ["instruction_following_eval/data/input_data.jsonl"],
+        _jsonl_field("prompt"),
+        "general-screened",
+        "Apache-2.0 (google-research LICENSE; this repo is a copy of google-research's instruction_following_eval)",
+        notes="IFEval's 541 human-written writing instructions (essays, poems, letters, blog posts, ads)",
+    ),
+    Source(
+        "mt-bench",
+        "lm-sys/FastChat",
+        "0e6d3e4beaab66f4d3f93db72541a4abab8af28d",
+        ["fastchat/llm_judge/data/mt_bench/question.jsonl"],
+        _jsonl_field("turns", category=MT_BENCH_GENERAL),
+        "general-screened",
+        "Apache-2.0",
+        notes="first turns of MT-bench's 70 non-coding questions (writing, role-play, reasoning, math, "
+        "extraction, STEM, humanities); never vicuna_bench/ (the Vicuna prompts are an evaluation set)",
+    ),
+    Source(
+        "mt-bench-code",
+        "lm-sys/FastChat",
+        "0e6d3e4beaab66f4d3f93db72541a4abab8af28d",
+        ["fastchat/llm_judge/data/mt_bench/question.jsonl"],
+        _jsonl_field("turns", category=("coding",)),
+        "code",
+        "Apache-2.0",
+        notes="first turns of MT-bench's 10 coding questions",
+    ),
+    Source(
+        "arena-hard",
+        ARENA,
+        ARENA_COMMIT,
+        ["data/arena-hard-v2.0/question.jsonl"],
+        _jsonl_field("prompt", subcategory=("creative_writing", "math")),
+        "general-screened",
+        ARENA_LICENCE,
+        notes="Chatbot Arena user prompts of Arena-Hard v2.0's creative-writing and math subcategories",
+    ),
+    Source(
+        "arena-hard-code",
+        ARENA,
+        ARENA_COMMIT,
+        ["data/arena-hard-v2.0/question.jsonl"],
+        _jsonl_field("prompt", subcategory=("coding",)),
+        "code",
+        ARENA_LICENCE,
+        notes="Chatbot Arena user prompts of Arena-Hard v2.0's coding subcategory (software engineering tasks)",
+    ),
+    *(
+        Source(
+            f"arena-topics{'-' + domain if domain != 'general' else ''}{'' if i == 0 else '-later'}",
+            ARENA_CATALOG,
+            commit,
+            paths,
+            _arena_topics(domain),
+            "relabel" if domain == "general" else domain,
+            "Apache-2.0 (the Space's README); prompts written by Chatbot Arena users",
+            notes="Chatbot Arena topic explorer: up to 20 user prompts per topic cluster; the cluster's name gives the "
+            "domain (arena_topic_domain), and the general clusters' prompts are labelled item by item",
+        )
+        for i, (commit, paths) in enumerate(ARENA_CATALOG_FILES.items())
+        for domain in ("general", "code", "medical")
     ),
 ]
 
