@@ -400,16 +400,20 @@ TWEAC_CODE = (
 
 
 ARENA_CATALOG = "lmarena/arena-catalog"
-# Two snapshots of the explorer: December 2024's clustering, and January 2025's three others (by then the
-# first file had grown past what a fetched snapshot holds); sources of the second carry a "-later" suffix.
-ARENA_CATALOG_FILES = {
-    "4620b8e81ff67eadaabf8e512b48ddddbe8ac585": ["explorer/data/examples.json"],
-    "0155dff6e63e14d75ea0c470cd7232187c791526": [
-        "explorer/data3/examples.json",
-        "explorer/embedding_ablation/mpnet/examples.json",
-        "explorer/embedding_ablation/openai/examples.json",
-    ],
-}
+# Two snapshots of the explorer, as (source-name suffix, commit, files): December 2024's clustering, and
+# January 2025's three others (by then the first file had grown past what a fetched snapshot holds).
+ARENA_CATALOG_SNAPSHOTS = [
+    ("", "4620b8e81ff67eadaabf8e512b48ddddbe8ac585", ["explorer/data/examples.json"]),
+    (
+        "-later",
+        "0155dff6e63e14d75ea0c470cd7232187c791526",
+        [
+            "explorer/data3/examples.json",
+            "explorer/embedding_ablation/mpnet/examples.json",
+            "explorer/embedding_ablation/openai/examples.json",
+        ],
+    ),
+]
 ARENA = "lmarena/arena-hard-auto"  # hard prompts that Chatbot Arena users wrote, chosen by LMArena's BenchBuilder
 ARENA_COMMIT = "196f6b826783b3da7310e361a805fa36f0be83f3"
 ARENA_LICENCE = "Apache-2.0 (repo LICENSE); prompts written by Chatbot Arena users"
@@ -1062,7 +1066,7 @@ SOURCES: list[Source] = [
     ),
     *(
         Source(
-            f"arena-topics{'-' + domain if domain != 'general' else ''}{'' if i == 0 else '-later'}",
+            "arena-topics" + ("" if domain == "general" else f"-{domain}") + suffix,
             ARENA_CATALOG,
             commit,
             paths,
@@ -1072,7 +1076,7 @@ SOURCES: list[Source] = [
             notes="Chatbot Arena topic explorer: up to 20 user prompts per topic cluster; the cluster's name gives the "
             "domain (arena_topic_domain), and the general clusters' prompts are labelled item by item",
         )
-        for i, (commit, paths) in enumerate(ARENA_CATALOG_FILES.items())
+        for suffix, commit, paths in ARENA_CATALOG_SNAPSHOTS
         for domain in ("general", "code", "medical")
     ),
 ]
